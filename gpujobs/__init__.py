@@ -1,0 +1,1 @@
+"""gpujobs: fault-tolerant GPU training jobs on Vast.ai."""

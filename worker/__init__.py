@@ -1,0 +1,1 @@
+"""The GPU worker: resumable training, checkpoints, reports. Imports nothing of gpujobs."""
