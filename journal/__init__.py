@@ -1,1 +1,45 @@
+"""A generic, tamper-evident event store in one SQLite file.
 
+It stores streams of versioned events with optimistic concurrency, a SHA-256 hash chain,
+projections updated in the append transaction, and upcasting of old event versions on read.
+"""
+
+from journal.errors import (
+    CorruptJournal,
+    InvalidAppend,
+    InvalidQuery,
+    JournalError,
+    JournalLocked,
+    ProjectionFailed,
+    ReadOnlyViolation,
+    SchemaTooNew,
+    StorageError,
+    StoreClosed,
+    VersionConflict,
+)
+from journal.readonly import run_readonly_query
+from journal.records import NewEvent, Projection, RecordedEvent, VerifyResult, WriterStats
+from journal.store import EventStore
+from journal.verify import verify_file
+
+__all__ = [
+    "CorruptJournal",
+    "EventStore",
+    "InvalidAppend",
+    "InvalidQuery",
+    "JournalError",
+    "JournalLocked",
+    "NewEvent",
+    "Projection",
+    "ProjectionFailed",
+    "ReadOnlyViolation",
+    "RecordedEvent",
+    "SchemaTooNew",
+    "StorageError",
+    "StoreClosed",
+    "VerifyResult",
+    "VersionConflict",
+    "WriterStats",
+    "run_readonly_query",
+    "verify_file",
+]

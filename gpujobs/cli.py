@@ -1,0 +1,279 @@
+"""The `gpujobs` command line: parses arguments, then calls functions tests can call directly.
+
+Expected errors print one line that says what is wrong and what to do, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpujobs.errors import ConfigError, GpujobsError
+from gpujobs.settings import Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run GPU training jobs on Vast.ai that survive preemption.")
+audit_app = typer.Typer(no_args_is_help=True, help="Query and verify the event journal.")
+profiles_app = typer.Typer(invoke_without_command=True, help="List or validate GPU profiles.")
+app.add_typer(audit_app, name="audit")
+app.add_typer(profiles_app, name="profiles")
+out = Console()
+EXIT_USAGE = 2
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
+
+
+@app.command()
+def demo(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON summary object."),
+    total_steps: int = typer.Option(600, help="Training steps of the digits job."),
+    step_delay_s: float = typer.Option(0.02, help="Pause after each step, in seconds."),
+) -> None:
+    """Run a digits training job on the local emulator, preempt it once, and resume it."""
+    from gpujobs.demo import DemoOptions, print_transitions, run_demo
+
+    say = (lambda line: None) if json_output else typer.echo
+    if not json_output:
+        print_transitions()
+    options = DemoOptions(total_steps=total_steps, step_delay_s=step_delay_s)
+    summary = asyncio.run(run_demo(options, say))
+    if json_output:
+        _print_json(summary)
+        return
+    typer.echo("")
+    typer.echo(f"job {summary['job_id']}: {summary['state']} after {summary['attempts']} attempts"
+               f" and {summary['preemptions']} preemption")
+    typer.echo(f"  states visited: {' -> '.join(summary['states_visited'])}")
+    typer.echo(f"  last durable checkpoint before the preemption: step "
+               f"{summary['last_checkpoint_step_before_preemption']}; resumed from step "
+               f"{summary['resumed_from_step']}")
+    typer.echo(f"  held-out accuracy: {summary['test_accuracy']:.4f}")
+    typer.echo(f"  cost: ${summary['cost_usd']:.6f} (emulator billed "
+               f"${summary['emulator_charges_usd']:.6f}); instances alive: "
+               f"{summary['instances_alive_at_end']}")
+    typer.echo(f"  replay it: {summary['replay_command']}")
+
+
+@app.command()
+def submit(
+    spec_file: Optional[Path] = typer.Argument(None, help="Job spec YAML file."),
+    profile: Optional[str] = typer.Option(None, help="GPU profile name (see `gpujobs profiles`)."),
+    name: str = typer.Option("digits", help="Job name, used as the prefix of its id."),
+    team: str = typer.Option("default", help="Team the job is billed to."),
+    project: str = typer.Option("default", help="Project the job is billed to."),
+    total_steps: int = typer.Option(600, help="Training steps."),
+    json_output: bool = typer.Option(False, "--json"),
+) -> None:
+    """Submit a job; a running `gpujobs supervise` picks it up."""
+    from gpujobs.jobs import submit as submit_job
+    from gpujobs.jobspec import JobSpec, check_name, load_spec
+
+    if spec_file is not None:
+        spec = load_spec(spec_file)
+    elif profile is None:
+        raise GpujobsError("give a job spec file or --profile NAME (see `gpujobs profiles`)")
+    else:
+        for value, what in ((name, "job name"), (team, "team"), (project, "project")):
+            check_name(value, what)
+        spec = JobSpec(name=name, profile=profile, team=team, project=project,
+                       total_steps=total_steps)
+    job_id = asyncio.run(submit_job(_settings(), spec))
+    if json_output:
+        _print_json({"job_id": job_id, "state": "queued"})
+    else:
+        typer.echo(job_id)
+
+
+@app.command()
+def status(
+    job_id: Optional[str] = typer.Argument(None, help="Show only this job."),
+    json_output: bool = typer.Option(False, "--json"),
+) -> None:
+    """List jobs with their state, progress and cost."""
+    from gpujobs.jobs import list_jobs
+
+    jobs = asyncio.run(list_jobs(_settings(), job_id))
+    if json_output:
+        _print_json([j.to_dict() for j in jobs])
+        return
+    table = Table("job", "state", "attempt", "profile", "team/project", "step", "checkpoint",
+                  "preemptions", "cost $", "reason")
+    for j in jobs:
+        table.add_row(j.job_id, j.state, str(j.attempt), j.profile, f"{j.team}/{j.project}",
+                      f"{j.step}/{j.total_steps}", str(j.last_checkpoint_step or "-"),
+                      str(j.preemptions), f"{j.cost_usd:.4f}", j.reason or "")
+    out.print(table)
+
+
+@app.command()
+def cancel(job_id: str = typer.Argument(..., help="Job to cancel.")) -> None:
+    """Cancel a job: the supervisor destroys its instances and ends it as cancelled."""
+    from gpujobs.jobs import cancel as cancel_job
+
+    state = asyncio.run(cancel_job(_settings(), job_id))
+    if state.is_terminal:
+        typer.echo(f"job {job_id} is already {state.value}; nothing to cancel")
+    else:
+        typer.echo(f"cancel requested for job {job_id} (was {state.value})")
+
+
+@app.command()
+def replay(
+    job: Optional[str] = typer.Option(None, "--job", help="Job id to replay."),
+    at: Optional[str] = typer.Option(None, help="Show the job as of this time (ISO 8601 or epoch)."),
+    all_jobs: bool = typer.Option(False, "--all", help="Replay every job."),
+    check: bool = typer.Option(False, help="With --all: compare the stored projections."),
+    json_output: bool = typer.Option(False, "--json"),
+) -> None:
+    """Rebuild a job's history from its events alone and show how it got where it is."""
+    from gpujobs.cli_replay import replay_command
+
+    replay_command(_settings(), job, at, all_jobs, check, json_output)
+
+
+@app.command()
+def supervise(
+    tick_s: float = typer.Option(5.0, help="Seconds between reconcile passes."),
+) -> None:
+    """Run the supervisor for this journal until interrupted."""
+    from gpujobs.cli_supervise import supervise_command
+
+    supervise_command(_settings().replace(tick_s=tick_s))
+
+
+@app.command()
+def emulator(
+    port: int = typer.Option(0, help="Port on 127.0.0.1; 0 picks a free one."),
+    seed: int = typer.Option(0, help="Seed of the emulated market."),
+    faults: Optional[Path] = typer.Option(None, help="Fault plan file (YAML or JSON)."),
+    api_key: Optional[str] = typer.Option(None, help="Key to accept; generated if omitted."),
+    time_scale: float = typer.Option(1.0, help="Billed seconds per real second."),
+    loading_s: float = typer.Option(2.0, help="Seconds an instance stays loading."),
+) -> None:
+    """Run the local Vast.ai emulator until interrupted."""
+    from gpujobs.emulator import serve
+
+    asyncio.run(serve(port=port, seed=seed, faults_path=faults, api_key=api_key,
+                      time_scale=time_scale, loading_s=loading_s))
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the journal's hash chain; name the first row that does not match."""
+    from journal import verify_file
+
+    settings = _settings()
+    result = verify_file(settings.journal_path)
+    if result.ok:
+        typer.echo(f"ok: {result.event_count} events, chain verified")
+        return
+    typer.echo(f"journal {settings.journal_path} fails verification at seq "
+               f"{result.first_bad_seq}: {result.reason}", err=True)
+    raise typer.Exit(1)
+
+
+@audit_app.command("sql")
+def audit_sql(
+    query: str = typer.Argument(..., help="A read-only SQL query."),
+    json_output: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run a read-only SQL query against the journal and its views."""
+    from journal import run_readonly_query
+
+    columns, rows = run_readonly_query(_settings().journal_path, query)
+    if json_output:
+        _print_json([dict(zip(columns, row)) for row in rows])
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out.print(table)
+
+
+@profiles_app.callback()
+def profiles(ctx: typer.Context, json_output: bool = typer.Option(False, "--json")) -> None:
+    """List the GPU profiles in effect."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from gpujobs.jobs import profiles_in_effect
+
+    found = profiles_in_effect(_settings())
+    if json_output:
+        _print_json({name: p.to_dict() for name, p in found.items()})
+        return
+    table = Table("profile", "gpu", "gpus", "max $/h", "reliability >=", "max hours", "type")
+    for p in found.values():
+        table.add_row(p.name, "/".join(p.gpu_names), str(p.num_gpus), f"{p.max_dph:.2f}",
+                      f"{p.reliability_min:.2f}", f"{p.max_duration_hours:g}",
+                      "interruptible" if p.interruptible else "on-demand")
+    out.print(table)
+
+
+@profiles_app.command("validate")
+def profiles_validate(path: Path = typer.Argument(..., help="A gpu_profiles.yaml to check.")) -> None:
+    """Check a profiles file and report the first problem with its line."""
+    from gpujobs.profiles import load_profiles_file
+
+    found = load_profiles_file(path)
+    typer.echo(f"ok: {len(found)} profiles in {path}: {', '.join(found)}")
+
+
+def parse_time(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise GpujobsError(
+            f"invalid time {text!r}; use ISO 8601 (2026-12-04T16:30:00) or unix seconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except (GpujobsError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except Exception as exc:  # noqa: BLE001 - library errors with their own clear messages
+        if _is_expected(exc):
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        raise
+
+
+def _is_expected(exc: Exception) -> bool:
+    import click
+
+    from journal import JournalError
+    from gpujobs.vast.errors import VastError
+
+    if isinstance(exc, click.exceptions.Exit):
+        sys.exit(exc.exit_code)
+    if isinstance(exc, click.exceptions.Abort):
+        sys.exit(130)
+    if isinstance(exc, click.ClickException):
+        exc.show()
+        sys.exit(exc.exit_code)
+    return isinstance(exc, (JournalError, VastError))

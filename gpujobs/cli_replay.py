@@ -1,0 +1,81 @@
+"""`gpujobs replay`: a job's history from its events, or a check of every projection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpujobs.errors import GpujobsError
+from gpujobs.jobs import open_journal
+from gpujobs.replay import check_projections, replay_job
+from gpujobs.settings import Settings
+
+
+def replay_command(settings: Settings, job: str | None, at: str | None, all_jobs: bool,
+                   check: bool, json_output: bool) -> None:
+    if all_jobs:
+        asyncio.run(_replay_all(settings, check, json_output))
+        return
+    if job is None:
+        raise GpujobsError("give --job ID (see `gpujobs status`), or --all --check")
+    from gpujobs.cli import parse_time
+
+    moment = parse_time(at) if at is not None else None
+    result = asyncio.run(_replay_one(settings, job, moment))
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    _print_replay(result)
+
+
+async def _replay_one(settings: Settings, job_id: str, at: float | None) -> Any:
+    store = await open_journal(settings)
+    try:
+        return await replay_job(store, job_id, at=at, journal_path=str(settings.journal_path))
+    finally:
+        await store.close()
+
+
+def _print_replay(result: Any) -> None:
+    console = Console()
+    when = f" as of {_iso(result.as_of)}" if result.as_of is not None else ""
+    console.print(f"job {result.job_id}{when}: [bold]{result.state}[/bold], "
+                  f"{result.attempts} attempts, {result.preemptions} preemptions, "
+                  f"cost ${result.cost_usd:.6f}, last checkpoint step "
+                  f"{result.last_checkpoint_step}")
+    table = Table("time (UTC)", "attempt", "from", "to", "event")
+    for t in result.transitions:
+        table.add_row(_iso(t["at"]), str(t["attempt"]), t["from"], t["to"], t["event"])
+    console.print(table)
+
+
+async def _replay_all(settings: Settings, check: bool, json_output: bool) -> None:
+    store = await open_journal(settings)
+    try:
+        count, differences = await check_projections(store)
+    finally:
+        await store.close()
+    if json_output:
+        typer.echo(json.dumps({
+            "events": count, "differences": [d.__dict__ for d in differences],
+        }, indent=2, default=str))
+    elif not differences:
+        typer.echo(f"ok: {count} events replayed; projections match")
+    else:
+        for d in differences[:50]:
+            typer.echo(f"{d.table} {d.key} {d.column}: stored {d.stored!r}, "
+                       f"replayed {d.replayed!r}")
+    if check and differences:
+        raise typer.Exit(1)
+
+
+def _iso(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]

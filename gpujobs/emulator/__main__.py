@@ -1,0 +1,3 @@
+from gpujobs.emulator.standalone import main
+
+main()

@@ -1,0 +1,228 @@
+"""Job events: facts in the past tense, one frozen dataclass per type, each with a schema version.
+
+A job's stream is its id. Every event that concerns one instance carries the attempt number,
+so a reader can tell the history of each rented machine apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from journal import NewEvent, RecordedEvent
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+    def to_new_event(self) -> NewEvent:
+        return NewEvent(
+            type=self.type_name(),
+            data=dataclasses.asdict(self),
+            schema_version=self.SCHEMA_VERSION,
+        )
+
+
+@dataclass(frozen=True)
+class JobSubmitted(JobEvent):
+    job_id: str
+    name: str
+    team: str
+    project: str
+    profile_name: str
+    profile: dict[str, Any]  # the profile as it was at submission, so later edits change nothing
+    spec: dict[str, Any]  # what to run: command, image, total_steps, checkpoint_every, env keys
+    priority: int = 0
+    submitted_by: str = ""
+
+
+@dataclass(frozen=True)
+class OfferSelected(JobEvent):
+    attempt: int
+    offer_id: int
+    machine_id: int | None
+    host_id: int | None
+    gpu_name: str
+    num_gpus: int
+    dph_total: float
+    reliability: float | None
+    bid_price: float | None  # None for on-demand
+    rank_reason: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceRequested(JobEvent):
+    attempt: int
+    offer_id: int
+    label: str
+
+
+@dataclass(frozen=True)
+class InstanceCreated(JobEvent):
+    attempt: int
+    instance_id: int
+    label: str
+    dph_total: float
+    adopted: bool = False  # found by label after a crash, not from the create call's answer
+
+
+@dataclass(frozen=True)
+class InstanceCreateFailed(JobEvent):
+    attempt: int
+    offer_id: int
+    error_kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ProvisioningFailed(JobEvent):
+    attempt: int
+    reason: str
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RecoveryDeferred(JobEvent):
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerStarted(JobEvent):
+    attempt: int
+    step: int
+
+
+@dataclass(frozen=True)
+class JobResumed(JobEvent):
+    attempt: int
+    from_step: int
+    checkpoint_uri: str | None
+
+
+@dataclass(frozen=True)
+class ProgressReported(JobEvent):
+    attempt: int
+    step: int
+
+
+@dataclass(frozen=True)
+class CheckpointStarted(JobEvent):
+    attempt: int
+    step: int
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(JobEvent):
+    attempt: int
+    step: int
+    uri: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class PreemptionDetected(JobEvent):
+    attempt: int
+    instance_id: int | None
+    reason: str  # outbid, offline, exited, gone, heartbeat_lost, sigterm
+    step: int  # the last step the worker reported
+    last_checkpoint_step: int | None
+
+
+@dataclass(frozen=True)
+class InstanceDestroyRequested(JobEvent):
+    attempt: int
+    instance_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstanceDestroyed(JobEvent):
+    attempt: int
+    instance_id: int
+
+
+@dataclass(frozen=True)
+class InstanceDestroyFailed(JobEvent):
+    attempt: int
+    instance_id: int
+    message: str
+    retry_in_s: float
+
+
+@dataclass(frozen=True)
+class CostAccrued(JobEvent):
+    attempt: int
+    instance_id: int
+    amount_usd: float
+    billed_s: float
+    dph_total: float
+    through: float  # unix time up to which this attempt is now billed
+
+
+@dataclass(frozen=True)
+class WorkerStalled(JobEvent):
+    attempt: int
+    step: int
+    stalled_s: float
+
+
+@dataclass(frozen=True)
+class WorkerUnreachable(JobEvent):
+    attempt: int
+    silent_s: float
+
+
+@dataclass(frozen=True)
+class JobCompleted(JobEvent):
+    attempt: int
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobFailed(JobEvent):
+    reason: str
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
+class CancelRequested(JobEvent):
+    requested_by: str = ""
+
+
+@dataclass(frozen=True)
+class JobCancelled(JobEvent):
+    reason: str = "cancelled by user"
+    attempt: int = 0
+
+
+EVENT_TYPES: dict[str, type[JobEvent]] = {
+    cls.__name__: cls
+    for cls in (
+        JobSubmitted, OfferSelected, InstanceRequested, InstanceCreated, InstanceCreateFailed,
+        ProvisioningFailed, RecoveryDeferred, WorkerStarted, JobResumed, ProgressReported,
+        CheckpointStarted, CheckpointSaved, PreemptionDetected, InstanceDestroyRequested,
+        InstanceDestroyed, InstanceDestroyFailed, CostAccrued, WorkerStalled, WorkerUnreachable,
+        JobCompleted, JobFailed, CancelRequested, JobCancelled,
+    )
+}
+
+
+def decode(event: RecordedEvent) -> JobEvent:
+    """Build the typed event from a journal row; raises ValueError naming the row if it is not one."""
+    cls = EVENT_TYPES.get(event.type)
+    if cls is None:
+        raise ValueError(f"journal row {event.seq} has unknown event type {event.type!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in event.data.items() if k in names})
+    except TypeError as exc:
+        raise ValueError(f"journal row {event.seq} ({event.type}) is malformed: {exc}") from exc

@@ -1,0 +1,142 @@
+"""Requests users make of jobs (submit, cancel) and the queries behind `status`.
+
+These write to the journal from any process; only the supervisor acts on them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from journal import EventStore, VersionConflict
+
+from gpujobs import events as ev
+from gpujobs.errors import GpujobsError, JobNotFound
+from gpujobs.jobspec import JobSpec
+from gpujobs.profiles import Profile, get_profile, load_profiles
+from gpujobs.projections import JOB_COLUMNS, JobsProjection, decode_row
+from gpujobs.settings import Settings
+from gpujobs.states import JobState
+
+
+async def open_journal(settings: Settings) -> EventStore:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    return await EventStore.open(settings.journal_path, projections=[JobsProjection()])
+
+
+def profiles_in_effect(settings: Settings) -> dict[str, Profile]:
+    files = settings.profile_files()
+    if not files:
+        raise GpujobsError(
+            "no gpu_profiles.yaml found in "
+            + ", ".join(str(d) for d in settings.config_dirs)
+            + "; set GPUJOBS_CONFIG_DIR to a folder that has one"
+        )
+    return load_profiles(files)
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{secrets.token_hex(3)}"
+
+
+async def submit(settings: Settings, spec: JobSpec, *, store: EventStore | None = None) -> str:
+    """Append JobSubmitted for a validated spec; returns the new job id."""
+    profile = get_profile(profiles_in_effect(settings), spec.profile)
+    job_id = new_job_id(spec.name)
+    event = ev.JobSubmitted(
+        job_id=job_id, name=spec.name, team=spec.team, project=spec.project,
+        profile_name=profile.name, profile=profile.to_dict(), spec=spec.to_dict(),
+        priority=spec.priority, submitted_by=_user(),
+    )
+    own = store is None
+    store = store or await open_journal(settings)
+    try:
+        await store.append(job_id, [event.to_new_event()], expected_version=0)
+    finally:
+        if own:
+            await store.close()
+    return job_id
+
+
+async def cancel(settings: Settings, job_id: str) -> JobState:
+    """Record a cancel request; the supervisor destroys the instances and ends the job."""
+    store = await open_journal(settings)
+    try:
+        for _ in range(10):
+            job = await load_job(store, job_id, settings.journal_path)
+            state = JobState(job["state"])
+            if state.is_terminal:
+                return state
+            try:
+                await store.append(job_id, [ev.CancelRequested(_user()).to_new_event()],
+                                   expected_version=int(job["version"]))
+                return state
+            except VersionConflict:
+                continue  # the supervisor appended meanwhile; read again and retry
+        raise GpujobsError(f"job {job_id} kept changing; try `gpujobs cancel {job_id}` again")
+    finally:
+        await store.close()
+
+
+async def load_job(store: EventStore, job_id: str, journal_path: Path) -> dict[str, Any]:
+    rows = await store.query(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE job_id = ?",
+                             (job_id,))
+    if not rows:
+        raise JobNotFound(job_id, str(journal_path))
+    return decode_row(JOB_COLUMNS, tuple(rows[0]))
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    name: str
+    state: str
+    attempt: int
+    profile: str
+    team: str
+    project: str
+    step: int
+    total_steps: int
+    last_checkpoint_step: int | None
+    preemptions: int
+    cost_usd: float
+    reason: str | None
+    instance_id: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def list_jobs(settings: Settings, job_id: str | None = None) -> list[JobStatus]:
+    store = await open_journal(settings)
+    try:
+        if job_id is not None:
+            rows = [await load_job(store, job_id, settings.journal_path)]
+        else:
+            raw = await store.query(
+                f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs ORDER BY submitted_at"
+            )
+            rows = [decode_row(JOB_COLUMNS, tuple(r)) for r in raw]
+    finally:
+        await store.close()
+    return [_status(row) for row in rows]
+
+
+def _status(row: dict[str, Any]) -> JobStatus:
+    return JobStatus(
+        job_id=row["job_id"], name=row["name"], state=row["state"], attempt=int(row["attempt"]),
+        profile=row["profile_name"], team=row["team"], project=row["project"],
+        step=int(row["step"] or 0), total_steps=int(row["spec"].get("total_steps", 0)),
+        last_checkpoint_step=row["last_checkpoint_step"], preemptions=int(row["preemptions"]),
+        cost_usd=float(row["cost_usd"]), reason=row["reason"], instance_id=row["instance_id"],
+    )
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,74 @@
+"""One settings object: defaults, then config files, then environment, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpujobs.errors import ConfigError
+
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+USER_CONFIG_DIR = Path(os.path.expanduser("~/.config/gpujobs"))
+DEFAULT_HOME = Path(os.path.expanduser("~/.gpujobs"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    vast_url: str | None = None  # None: the client's default, https://console.vast.ai
+    vast_api_key: str | None = field(default=None, repr=False)
+    artifact_uri: str | None = None  # None: file://<home>/artifacts
+    config_dirs: tuple[Path, ...] = (SHIPPED_CONFIG_DIR,)
+    tick_s: float = 5.0
+    heartbeat_timeout_s: float = 60.0  # silence after which a worker counts as unreachable
+    unreachable_grace_s: float = 120.0  # further silence before the attempt is given up
+    stall_timeout_s: float = 1800.0  # heartbeats without progress for this long: hung
+    report_host: str = "127.0.0.1"
+    report_port: int = 0  # 0 picks a free port
+    public_report_url: str | None = None  # what workers use to reach the report endpoint
+    lease_ttl_s: float = 30.0
+    cost_interval_s: float = 60.0
+
+    @property
+    def journal_path(self) -> Path:
+        return self.home / "journal.db"
+
+    @property
+    def artifact_root(self) -> str:
+        return self.artifact_uri or (self.home / "artifacts").resolve().as_uri()
+
+    def profile_files(self) -> list[Path]:
+        return [d / "gpu_profiles.yaml" for d in self.config_dirs if (d / "gpu_profiles.yaml").exists()]
+
+    def budget_files(self) -> list[Path]:
+        return [d / "budgets.yaml" for d in self.config_dirs if (d / "budgets.yaml").exists()]
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def load_settings(*, home: Path | None = None, config_dir: Path | None = None) -> Settings:
+    """Build settings from the environment; flags given here win over it."""
+    env_home = os.environ.get("GPUJOBS_HOME")
+    resolved_home = home or (Path(env_home) if env_home else DEFAULT_HOME)
+    dirs = [SHIPPED_CONFIG_DIR]
+    if USER_CONFIG_DIR.is_dir():
+        dirs.append(USER_CONFIG_DIR)
+    env_dir = os.environ.get("GPUJOBS_CONFIG_DIR")
+    for extra in (Path(env_dir) if env_dir else None, config_dir):
+        if extra is None:
+            continue
+        if not extra.is_dir():
+            raise ConfigError(
+                f"config folder {extra} does not exist; create it or fix GPUJOBS_CONFIG_DIR"
+            )
+        dirs.append(extra)
+    return Settings(
+        home=resolved_home.expanduser(),
+        vast_url=os.environ.get("VAST_URL") or None,
+        vast_api_key=os.environ.get("VAST_API_KEY") or None,
+        artifact_uri=os.environ.get("GPUJOBS_ARTIFACT_URI") or None,
+        config_dirs=tuple(dirs),
+    )

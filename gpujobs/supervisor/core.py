@@ -1,0 +1,136 @@
+"""The supervisor process: one asyncio loop that owns every side effect of one journal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from journal import EventStore, VersionConflict
+
+from gpujobs import events as ev
+from gpujobs.projections import JobsProjection
+from gpujobs.settings import Settings
+from gpujobs.supervisor import jobsteps, reconcile
+from gpujobs.supervisor.lease import SupervisorLease
+from gpujobs.supervisor.reports import ReportServer, TokenIssuer
+from gpujobs.supervisor.state import JobTable
+from gpujobs.vast.client import VastClient
+from worker.storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, client: VastClient, *,
+                 billing_time_scale: float = 1.0, intent_timeout_s: float = 60.0) -> None:
+        self.settings = settings
+        self.client = client
+        self.billing_time_scale = billing_time_scale  # only the emulator bills faster than a clock
+        self.intent_timeout_s = intent_timeout_s
+        self.tokens = TokenIssuer.from_home(settings.home)
+        self.lease = SupervisorLease(settings.journal_path, settings.lease_ttl_s)
+        self.reports = ReportServer(self.tokens, self._on_report)
+        self.store: EventStore | None = None
+        self.table: JobTable | None = None  # type: ignore[assignment]
+        self.report_url = ""
+        self.ticks = 0
+        self.taken_offer_ids: set[int] = set()  # never rent one offer for two jobs
+        self.api_calls_last_tick = 0
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        self.store = await EventStore.open(self.settings.journal_path,
+                                           projections=[JobsProjection()])
+        await self.lease.acquire()
+        self.table = JobTable(self.store)
+        await self.table.load()
+        await self.table.catch_up()
+        port = await self.reports.start(self.settings.report_host, self._report_port())
+        (self.settings.home / "supervisor.port").write_text(str(port))
+        self.report_url = self.settings.public_report_url or f"http://127.0.0.1:{port}"
+        log.info("supervisor started on %s with %d live jobs; reports at %s",
+                 self.settings.journal_path, len(self.table.jobs), self.report_url)
+
+    def _report_port(self) -> int:
+        # Workers keep the URL they were started with, so a restarted supervisor reuses the port.
+        saved = self.settings.home / "supervisor.port"
+        if self.settings.report_port == 0 and saved.exists():
+            try:
+                return int(saved.read_text().strip())
+            except ValueError:
+                return 0
+        return self.settings.report_port
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self.reports.stop()
+        if self.store is not None:
+            await self.lease.release()
+            await self.store.close()
+            self.store = None
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, *, until: Callable[[], bool] | None = None,
+                  timeout_s: float | None = None) -> None:
+        """Tick until asked to stop, `until()` is true, or the timeout passes."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._stopping.is_set():
+            await self.tick()
+            if until is not None and until():
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"supervisor did not finish within {timeout_s:.0f} s")
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.settings.tick_s)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> None:
+        """One pass: fold new events, list instances once, settle them, then step each job."""
+        assert self.table is not None
+        self.ticks += 1
+        await self.lease.renew()
+        await self.table.catch_up()
+        instances = await reconcile.list_instances(self)
+        if instances is not None:
+            await reconcile.reconcile(self, instances)
+        offers_cache: dict[str, list] = {}
+        for job_id in jobsteps.ordered_jobs(self.table):
+            async with self.table.runtime_for(job_id).lock:
+                await jobsteps.step_job(self, job_id, instances, offers_cache)
+
+    async def append(self, job_id: str, events: Sequence[ev.JobEvent]) -> bool:
+        """Append events at the job's known version; False (and caught up) on a conflict."""
+        assert self.store is not None and self.table is not None
+        version = self.table.jobs[job_id]["version"]
+        try:
+            await self.store.append(job_id, [e.to_new_event() for e in events],
+                                    expected_version=version)
+        except VersionConflict:
+            log.info("job %s changed under us (another writer); re-reading", job_id)
+            await self.table.catch_up()
+            return False
+        await self.table.catch_up()
+        return True
+
+    def artifact_uri(self, job_id: str) -> str:
+        return f"{self.settings.artifact_root.rstrip('/')}/{job_id}"
+
+    async def completion_marker(self, job_id: str) -> bytes | None:
+        from worker.protocol import COMPLETION_MARKER
+
+        storage = open_storage(self.artifact_uri(job_id))
+        try:
+            if not await storage.exists(COMPLETION_MARKER):
+                return None
+            return await storage.get_bytes(COMPLETION_MARKER)
+        finally:
+            await storage.close()
+
+    async def _on_report(self, report) -> str:  # type: ignore[no-untyped-def]
+        return await jobsteps.handle_report(self, report)

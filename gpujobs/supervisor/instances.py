@@ -1,0 +1,195 @@
+"""Side effects on instances, each bracketed by events: intent, action, outcome.
+
+A crash between the intent and the outcome leaves an attempt whose instance may or may not
+exist; the reconcile step settles it by label on the next instance list.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from gpujobs import events as ev
+from gpujobs.offers import RankedOffer
+from gpujobs.profiles import Profile
+from gpujobs.projections import CREATED, DESTROY_REQUESTED, label_for
+from gpujobs.vast import errors as vast_errors
+from gpujobs.vast.records import Instance
+from worker import protocol
+
+if TYPE_CHECKING:
+    from gpujobs.supervisor.core import Supervisor
+
+log = logging.getLogger(__name__)
+
+GPU_BILLED_STATUSES = (None, "created", "loading", "running", "rebooting", "restarting")
+
+
+def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, str]:
+    spec = job["spec"]
+    env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
+    env.update({
+        protocol.ENV_JOB_ID: job["job_id"],
+        protocol.ENV_ATTEMPT: str(attempt),
+        protocol.ENV_ARTIFACT_URI: sup.artifact_uri(job["job_id"]),
+        protocol.ENV_SUPERVISOR_URL: sup.report_url,
+        protocol.ENV_JOB_TOKEN: sup.tokens.token_for(job["job_id"]),
+        protocol.ENV_TOTAL_STEPS: str(spec["total_steps"]),
+        protocol.ENV_CHECKPOINT_EVERY: str(spec["checkpoint_every"]),
+        protocol.ENV_KEEP_CHECKPOINTS: str(spec["keep_checkpoints"]),
+        protocol.ENV_GRACE_PERIOD_S: str(spec["grace_period_s"]),
+        protocol.ENV_STEP_DELAY_S: str(spec["step_delay_s"]),
+        protocol.ENV_HEARTBEAT_INTERVAL_S: str(spec["heartbeat_interval_s"]),
+        protocol.ENV_SEED: str(spec["seed"]),
+    })
+    return env
+
+
+async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> None:
+    """Record the intent, rent the offer, record the outcome."""
+    job = sup.table.jobs[job_id]
+    profile = Profile.from_dict(job["profile"])
+    attempt = int(job["attempt"]) + 1
+    label = label_for(job_id, attempt)
+    offer = choice.offer
+    selected = ev.OfferSelected(
+        attempt=attempt, offer_id=offer.id, machine_id=offer.machine_id, host_id=offer.host_id,
+        gpu_name=offer.gpu_name or "", num_gpus=offer.num_gpus or 0,
+        dph_total=choice.bid_price or offer.dph_total or 0.0, reliability=offer.reliability,
+        bid_price=choice.bid_price, rank_reason=choice.reason,
+    )
+    if not await sup.append(job_id, [selected, ev.InstanceRequested(attempt, offer.id, label)]):
+        return
+    spec = job["spec"]
+    try:
+        instance_id = await sup.client.create_instance(
+            offer.id, image=spec.get("image") or profile.image,
+            env=worker_env(sup, job, attempt), onstart=spec["command"], label=label,
+            disk_gb=profile.disk_gb, price=choice.bid_price,
+        )
+    except vast_errors.BidTooLow as exc:
+        await _bid_too_low(sup, job_id, attempt, label, selected.dph_total, exc)
+        return
+    except (vast_errors.OfferUnavailable, vast_errors.InvalidRequest,
+            vast_errors.InsufficientCredit, vast_errors.AuthError) as exc:
+        # The API said no: nothing was created, so the attempt ends here.
+        await sup.append(job_id, [
+            ev.InstanceCreateFailed(attempt, offer.id, type(exc).__name__, str(exc)),
+            ev.ProvisioningFailed(attempt, f"create failed: {exc}",
+                                  retry_after_s=_retry_delay(exc)),
+        ])
+        return
+    except vast_errors.VastError as exc:
+        # The outcome is unknown: the instance may exist. Reconcile adopts it by label,
+        # or gives the attempt up once the list has not shown it for a while.
+        log.warning("job %s attempt %d: create of offer %d has an unknown outcome: %s",
+                    job_id, attempt, offer.id, exc)
+        return
+    await sup.append(job_id, [
+        ev.InstanceCreated(attempt, instance_id, label, selected.dph_total),
+    ])
+
+
+def _retry_delay(exc: Exception) -> float:
+    if isinstance(exc, vast_errors.OfferUnavailable):
+        return 0.0  # another offer may fit right away
+    return 30.0
+
+
+async def _bid_too_low(sup: Supervisor, job_id: str, attempt: int, label: str, dph: float,
+                       exc: vast_errors.BidTooLow) -> None:
+    if exc.instance_id is None:
+        await sup.append(job_id, [
+            ev.InstanceCreateFailed(attempt, 0, "BidTooLow", str(exc)),
+            ev.ProvisioningFailed(attempt, f"bid too low: {exc}", retry_after_s=10.0),
+        ])
+        return
+    # The API created a stopped, billable instance anyway: record it, then destroy it.
+    await sup.append(job_id, [ev.InstanceCreated(attempt, exc.instance_id, label, dph)])
+    await sup.append(job_id, [ev.ProvisioningFailed(attempt, f"bid too low: {exc}", 10.0)])
+
+
+async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, Any],
+                          reason: str) -> None:
+    """Ask the API to destroy an attempt's instance; the next list confirms it is gone."""
+    runtime = sup.table.runtime_for(job_id)
+    now = time.time()
+    if now < runtime.destroy_retry_at or runtime.destroy_sent_at is not None:
+        return
+    attempt = int(attempt_row["attempt"])
+    instance_id = attempt_row["instance_id"]
+    if attempt_row["status"] != DESTROY_REQUESTED:
+        if not await sup.append(job_id, [ev.InstanceDestroyRequested(attempt, instance_id, reason)]):
+            return
+    try:
+        await sup.client.destroy_instance(instance_id)
+    except vast_errors.InstanceNotFound:
+        await confirm_destroyed(sup, job_id, attempt, None)
+        return
+    except vast_errors.VastError as exc:
+        runtime.destroy_failures += 1
+        delay_s = min(300.0, 2.0 ** runtime.destroy_failures)
+        runtime.destroy_retry_at = now + delay_s
+        log.warning("job %s attempt %d: destroy of instance %s failed (try %d), retrying in %.0f s:"
+                    " %s", job_id, attempt, instance_id, runtime.destroy_failures, delay_s, exc)
+        if runtime.destroy_failures in (1, 5, 20):
+            await sup.append(job_id, [
+                ev.InstanceDestroyFailed(attempt, instance_id, str(exc), delay_s)
+            ])
+        return
+    runtime.destroy_sent_at = now
+
+
+async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int,
+                            instance: Instance | None) -> None:
+    """Record the destroy (and the last cost) once the API no longer shows the instance."""
+    row = sup.table.attempt_row(job_id, attempt)
+    if row is None or row["status"] not in (CREATED, DESTROY_REQUESTED):
+        return
+    runtime = sup.table.runtime_for(job_id)
+    events: list[ev.JobEvent] = []
+    # Billing ends when the DELETE was accepted, not when a later list confirmed it.
+    cost = cost_event(sup, job_id, row, runtime.destroy_sent_at or time.time())
+    if cost is not None:
+        events.append(cost)
+    events.append(ev.InstanceDestroyed(attempt, row["instance_id"]))
+    if await sup.append(job_id, events):
+        runtime.destroy_sent_at = None
+        runtime.destroy_failures = 0
+        runtime.missing_lists = 0
+        runtime.rate_class = None
+
+
+def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any],
+               now: float) -> ev.CostAccrued | None:
+    """Bill an attempt from where it was billed through up to now, at the rate last seen."""
+    start = row["billed_through"] or row["created_at"]
+    if start is None or now <= start:
+        return None
+    runtime = sup.table.runtime_for(job_id)
+    dph = float(row["dph_total"] or 0.0)
+    if runtime.rate_class == "storage":
+        dph = runtime.storage_dph
+    billed_s = (now - start) * sup.billing_time_scale
+    amount = dph * billed_s / 3600.0
+    return ev.CostAccrued(int(row["attempt"]), int(row["instance_id"]), amount, billed_s, dph, now)
+
+
+def rate_class(instance: Instance) -> str:
+    return "gpu" if instance.actual_status in GPU_BILLED_STATUSES and not instance.is_outbid else (
+        "storage"
+    )
+
+
+def storage_dph(instance: Instance) -> float:
+    raw = instance.raw
+    total = raw.get("storage_total_cost")
+    if isinstance(total, (int, float)):
+        return float(total)
+    per_gb_month = raw.get("storage_cost") or 0.0
+    disk_gb = raw.get("disk_space") or 0.0
+    try:
+        return float(per_gb_month) * float(disk_gb) / 720.0
+    except (TypeError, ValueError):
+        return 0.0

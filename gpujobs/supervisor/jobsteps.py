@@ -1,0 +1,316 @@
+"""Per-job decisions on each tick, by state: provision, watch, recover, clean up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from gpujobs import events as ev
+from gpujobs.offers import rank_offers
+from gpujobs.profiles import Profile, offer_query
+from gpujobs.projections import (
+    CREATE_FAILED, CREATED, DESTROY_REQUESTED, DESTROYED, REQUESTED, WORKER_ERROR,
+)
+from gpujobs.states import JobState
+from gpujobs.supervisor import instances as inst
+from gpujobs.supervisor.reporting import handle_report  # noqa: F401  (re-exported for core)
+from gpujobs.supervisor.state import JobTable
+from gpujobs.vast import errors as vast_errors
+from gpujobs.vast.records import Instance, Offer
+
+if TYPE_CHECKING:
+    from gpujobs.supervisor.core import Supervisor
+    from gpujobs.supervisor.reconcile import InstanceMap
+
+log = logging.getLogger(__name__)
+
+S = JobState
+WATCHED = (S.RUNNING, S.CHECKPOINTING, S.RESUMED)
+LOST_STATUSES = ("exited", "stopped", "offline", "unknown", "frozen")
+PREEMPTION_GRACE_MARGIN_S = 5.0
+
+
+def ordered_jobs(table: JobTable) -> list[str]:
+    """Jobs to step, higher priority first, first submitted first within a priority."""
+    live = [
+        row for row in table.jobs.values()
+        if not JobState(row["state"]).is_terminal or table.live_attempts(row["job_id"])
+    ]
+    live.sort(key=lambda row: (-int(row["priority"] or 0), row["submitted_at"], row["job_id"]))
+    return [row["job_id"] for row in live]
+
+
+async def step_job(sup: Supervisor, job_id: str, found: InstanceMap | None,
+                   offers_cache: dict[str, list[Offer]]) -> None:
+    job = sup.table.jobs[job_id]
+    state = JobState(job["state"])
+    instance = None if found is None else found.get((job_id, int(job["attempt"])))
+    await _accrue(sup, job_id, instance)
+    if state.is_terminal:
+        await _clean_up(sup, job_id, found)
+    elif job["cancel_requested"]:
+        await _cancel(sup, job_id, found)
+    elif state is S.QUEUED:
+        await _provision(sup, job_id, offers_cache)
+    elif state is S.PROVISIONING:
+        await _watch_provisioning(sup, job_id, instance, found)
+    elif state in WATCHED:
+        await _watch_running(sup, job_id, instance, found)
+    elif state is S.PREEMPTED:
+        await _recover(sup, job_id, instance, found, offers_cache)
+
+
+async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None) -> None:
+    """Bill live attempts at each change of billing rate, and at least every cost interval."""
+    row = sup.table.attempt_row(job_id)
+    if row is None or row["status"] not in (CREATED, DESTROY_REQUESTED) or instance is None:
+        return
+    runtime = sup.table.runtime_for(job_id)
+    seen = inst.rate_class(instance)
+    runtime.storage_dph = inst.storage_dph(instance)
+    if runtime.rate_class is None:
+        runtime.rate_class = seen
+        return
+    now = time.time()
+    due = now - (row["billed_through"] or now) >= sup.settings.cost_interval_s
+    if seen != runtime.rate_class or due:
+        cost = inst.cost_event(sup, job_id, row, now)
+        runtime.rate_class = seen
+        if cost is not None:
+            await sup.append(job_id, [cost])
+
+
+async def _clean_up(sup: Supervisor, job_id: str, found: InstanceMap | None) -> None:
+    for row in sup.table.live_attempts(job_id):
+        if row["status"] in (CREATED, DESTROY_REQUESTED) and found is not None:
+            await inst.request_destroy(sup, job_id, row, f"job {sup.table.jobs[job_id]['state']}")
+
+
+async def _cancel(sup: Supervisor, job_id: str, found: InstanceMap | None) -> None:
+    """Cancel: append the terminal event; cleanup then destroys every instance of the job."""
+    job = sup.table.jobs[job_id]
+    await sup.append(job_id, [ev.JobCancelled("cancelled by user", int(job["attempt"]))])
+    await _clean_up(sup, job_id, found)
+
+
+async def _ensure_no_live_instance(sup: Supervisor, job_id: str,
+                                   found: InstanceMap | None) -> bool:
+    """Destroy leftovers first: at most one live instance per job, ever."""
+    live = sup.table.live_attempts(job_id)
+    for row in live:
+        if row["status"] == REQUESTED:
+            return False  # an intent without an outcome: reconcile must settle it first
+        if found is not None:
+            await inst.request_destroy(sup, job_id, row, "replaced by a new attempt")
+    return not live
+
+
+async def _provision(sup: Supervisor, job_id: str, offers_cache: dict[str, list[Offer]]) -> None:
+    runtime = sup.table.runtime_for(job_id)
+    if time.time() < runtime.backoff_until:
+        return
+    if not await _ensure_no_live_instance(sup, job_id, None):
+        return
+    marker = await sup.completion_marker(job_id)
+    if marker is not None:
+        await _complete_from_marker(sup, job_id, marker)
+        return
+    await _provision_next(sup, job_id, offers_cache)
+
+
+async def _provision_next(sup: Supervisor, job_id: str,
+                          offers_cache: dict[str, list[Offer]]) -> None:
+    job = sup.table.jobs[job_id]
+    runtime = sup.table.runtime_for(job_id)
+    profile = Profile.from_dict(job["profile"])
+    offers = await _search(sup, profile, offers_cache)
+    if offers is None:
+        runtime.backoff_until = time.time() + 10.0
+        runtime.wait_reason = "offer search failed; retrying"
+        return
+    ranked, _ = rank_offers(
+        offers, profile, excluded_hosts=_failed_hosts(sup, job_id),
+        taken_offer_ids=sup.taken_offer_ids,
+    )
+    if not ranked:
+        await _no_offer(sup, job_id, profile)
+        return
+    choice = ranked[0]
+    sup.taken_offer_ids.add(choice.offer.id)
+    runtime.wait_reason = None
+    await inst.create_instance(sup, job_id, choice)
+
+
+async def _search(sup: Supervisor, profile: Profile,
+                  offers_cache: dict[str, list[Offer]]) -> list[Offer] | None:
+    if profile.name in offers_cache:
+        return offers_cache[profile.name]
+    try:
+        offers = await sup.client.search_offers(
+            offer_query(profile), order=[("dph_total", "asc")], limit=64,
+            offer_type="bid" if profile.interruptible else "on-demand",
+            allocated_storage_gb=profile.disk_gb,
+        )
+    except vast_errors.VastError as exc:
+        log.warning("offer search for profile %s failed: %s", profile.name, exc)
+        return None
+    offers_cache[profile.name] = offers
+    return offers
+
+
+async def _no_offer(sup: Supervisor, job_id: str, profile: Profile) -> None:
+    runtime = sup.table.runtime_for(job_id)
+    reason = (f"no offer fits profile {profile.name} "
+              f"({'/'.join(profile.gpu_names)} x{profile.num_gpus}, <= ${profile.max_dph}/h, "
+              f"reliability >= {profile.reliability_min})")
+    if runtime.wait_reason != reason:
+        log.info("job %s waits: %s", job_id, reason)
+    runtime.wait_reason = reason
+    runtime.backoff_until = time.time() + min(60.0, max(sup.settings.tick_s * 2, 5.0))
+    job = sup.table.jobs[job_id]
+    if JobState(job["state"]) is S.PREEMPTED:
+        await sup.append(job_id, [ev.RecoveryDeferred(int(job["attempt"]), reason)])
+
+
+def _failed_hosts(sup: Supervisor, job_id: str) -> set[int]:
+    """Hosts whose attempt of this job ended in anything but success."""
+    hosts = set()
+    for row in sup.table.attempts.get(job_id, {}).values():
+        if row["status"] in (DESTROYED, CREATE_FAILED) and row["host_id"] is not None:
+            hosts.add(int(row["host_id"]))
+    return hosts
+
+
+async def _watch_provisioning(sup: Supervisor, job_id: str, instance: Instance | None,
+                              found: InstanceMap | None) -> None:
+    job = sup.table.jobs[job_id]
+    row = sup.table.attempt_row(job_id)
+    attempt = int(job["attempt"])
+    if row is None or row["status"] in (CREATE_FAILED, DESTROYED):
+        reason = (row or {}).get("end_reason") or "instance was not created"
+        await sup.append(job_id, [ev.ProvisioningFailed(attempt, reason)])
+        return
+    if row["status"] != CREATED or found is None:
+        return
+    if instance is None:
+        return  # reconcile records it destroyed once the list confirms it is gone
+    profile = Profile.from_dict(job["profile"])
+    if instance.actual_status in LOST_STATUSES or instance.is_outbid:
+        await _lost_before_start(sup, job_id, row, instance)
+        return
+    loading_s = time.time() - float(row["created_at"] or time.time())
+    if instance.actual_status != "running" and loading_s > profile.loading_timeout_s:
+        await _lost_before_start(sup, job_id, row, instance, reason="loading timed out")
+
+
+async def _lost_before_start(sup: Supervisor, job_id: str, row: dict[str, Any],
+                             instance: Instance, reason: str | None = None) -> None:
+    marker = await sup.completion_marker(job_id)
+    if marker is not None:
+        await _complete_from_marker(sup, job_id, marker)
+        return
+    why = reason or f"instance {instance.id} is {instance.actual_status} before the worker started"
+    if await sup.append(job_id, [ev.ProvisioningFailed(int(row["attempt"]), why, 5.0)]):
+        sup.table.runtime_for(job_id).backoff_until = time.time() + 5.0
+        await inst.request_destroy(sup, job_id, sup.table.attempt_row(job_id, row["attempt"]), why)
+
+
+async def _watch_running(sup: Supervisor, job_id: str, instance: Instance | None,
+                         found: InstanceMap | None) -> None:
+    job = sup.table.jobs[job_id]
+    runtime = sup.table.runtime_for(job_id)
+    now = time.time()
+    if found is not None:
+        lost = _loss_reason(instance)
+        if lost is not None:
+            await _preemption(sup, job_id, instance, lost)
+            return
+    silent_s = now - runtime.last_report_at
+    timeout_s = sup.settings.heartbeat_timeout_s
+    if silent_s > timeout_s + sup.settings.unreachable_grace_s:
+        await _preemption(sup, job_id, instance, "heartbeat_lost")
+    elif silent_s > timeout_s and not runtime.unreachable_recorded:
+        runtime.unreachable_recorded = True
+        await sup.append(job_id, [ev.WorkerUnreachable(int(job["attempt"]), silent_s)])
+    stalled_s = now - runtime.progress_at
+    if stalled_s > sup.settings.stall_timeout_s and not runtime.stalled_recorded:
+        runtime.stalled_recorded = True
+        await sup.append(job_id, [
+            ev.WorkerStalled(int(job["attempt"]), int(job["step"] or 0), stalled_s)
+        ])
+
+
+def _loss_reason(instance: Instance | None) -> str | None:
+    if instance is None:
+        return "gone"
+    if instance.is_outbid:
+        return "outbid"
+    if instance.actual_status in LOST_STATUSES:
+        return str(instance.actual_status)
+    return None
+
+
+async def _preemption(sup: Supervisor, job_id: str, instance: Instance | None,
+                      reason: str) -> None:
+    marker = await sup.completion_marker(job_id)
+    if marker is not None:
+        await _complete_from_marker(sup, job_id, marker)
+        return
+    job = sup.table.jobs[job_id]
+    if reason == "exited":
+        reason = f"{WORKER_ERROR}: the worker exited without completing"
+    await sup.append(job_id, [ev.PreemptionDetected(
+        int(job["attempt"]), instance.id if instance else job["instance_id"], reason,
+        int(job["step"] or 0), job["last_checkpoint_step"],
+    )])
+    sup.table.runtime_for(job_id).preempted_at = time.time()
+
+
+async def _recover(sup: Supervisor, job_id: str, instance: Instance | None,
+                   found: InstanceMap | None, offers_cache: dict[str, list[Offer]]) -> None:
+    job = sup.table.jobs[job_id]
+    runtime = sup.table.runtime_for(job_id)
+    row = sup.table.attempt_row(job_id)
+    if row is not None and row["status"] in (CREATED, DESTROY_REQUESTED):
+        if found is None:
+            return
+        if instance is not None and instance.actual_status in ("running", "loading"):
+            # The worker may still be writing its emergency checkpoint; let it finish.
+            waited_s = time.time() - (runtime.preempted_at or time.time())
+            grace_s = float(job["spec"].get("grace_period_s", 10.0)) + PREEMPTION_GRACE_MARGIN_S
+            if runtime.preempted_at is None:
+                runtime.preempted_at = time.time()
+            if waited_s < grace_s:
+                return
+        await inst.request_destroy(sup, job_id, row, f"preempted: {job['reason']}")
+        return
+    if row is not None and row["status"] == REQUESTED:
+        return
+    marker = await sup.completion_marker(job_id)
+    if marker is not None:
+        await _complete_from_marker(sup, job_id, marker)
+        return
+    profile = Profile.from_dict(job["profile"])
+    if int(job["restarts"]) > profile.max_restarts:
+        await sup.append(job_id, [ev.JobFailed(
+            f"the worker failed {job['restarts']} times (max_restarts {profile.max_restarts}); "
+            f"last: {job['reason']}", int(job["attempt"]),
+        )])
+        return
+    if time.time() < runtime.backoff_until:
+        return
+    await _provision_next(sup, job_id, offers_cache)
+
+
+async def _complete_from_marker(sup: Supervisor, job_id: str, marker: bytes) -> None:
+    from worker.protocol import CompletionMarker
+
+    job = sup.table.jobs[job_id]
+    try:
+        done = CompletionMarker.from_json(marker)
+    except ValueError as exc:
+        log.warning("job %s: completion marker is unreadable (%s); not trusting it", job_id, exc)
+        return
+    log.info("job %s: completion marker found; the job is not run again", job_id)
+    await sup.append(job_id, [ev.JobCompleted(int(job["attempt"]), done.step, done.metrics)])

@@ -1,0 +1,144 @@
+"""The supervisor's memory: job and attempt rows folded from the journal, plus runtime facts.
+
+Rows here are exactly what the projection holds, because both come from the same fold
+functions. Runtime facts (the last report, when progress was last seen) are not journaled;
+after a restart they start empty and fill again within one heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from journal import EventStore, RecordedEvent
+
+from gpujobs.projections import (
+    ATTEMPT_COLUMNS, JOB_COLUMNS, LIVE_ATTEMPT_STATUSES, decode_row, fold_attempt, fold_job,
+)
+from gpujobs.states import TERMINAL_STATES, JobState
+from worker.protocol import Report
+
+transitions_log = logging.getLogger("gpujobs.transitions")
+
+
+@dataclass
+class JobRuntime:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_report: Report | None = None
+    last_report_at: float = field(default_factory=time.time)
+    progress_at: float = field(default_factory=time.time)
+    max_step: int = -1
+    unreachable_recorded: bool = False
+    stalled_recorded: bool = False
+    preempted_at: float | None = None
+    backoff_until: float = 0.0
+    wait_reason: str | None = None
+    destroy_sent_at: float | None = None  # DELETE accepted; absence from a later list confirms it
+    destroy_retry_at: float = 0.0
+    destroy_failures: int = 0
+    missing_lists: int = 0  # consecutive instance lists that did not show the live attempt
+    rate_class: str | None = None  # "gpu" or "storage": what the instance was last billed at
+    storage_dph: float = 0.0
+
+
+class JobTable:
+    """Jobs and attempts in memory, kept equal to the journal by folding every new event."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.attempts: dict[str, dict[int, dict[str, Any]]] = {}  # job id -> attempt -> row
+        self.runtime: dict[str, JobRuntime] = {}
+        self.seq = 0
+        self._lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        """Read live jobs from the projection: a cold start costs one query, not a replay."""
+        self.seq = await self.store.last_seq()
+        rows = await self.store.query(
+            f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE state NOT IN (?, ?, ?) "
+            "OR job_id IN (SELECT job_id FROM attempts WHERE status IN (?, ?, ?))",
+            (*[s.value for s in TERMINAL_STATES], *LIVE_ATTEMPT_STATUSES),
+        )
+        for values in rows:
+            row = decode_row(JOB_COLUMNS, tuple(values))
+            self.jobs[row["job_id"]] = row
+        attempt_rows = await self.store.query(
+            f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM attempts"
+            " WHERE job_id IN (SELECT job_id FROM jobs WHERE state NOT IN (?, ?, ?))"
+            " OR status IN (?, ?, ?)",
+            (*[s.value for s in TERMINAL_STATES], *LIVE_ATTEMPT_STATUSES),
+        )
+        for values in attempt_rows:
+            row = decode_row(ATTEMPT_COLUMNS, tuple(values))
+            self.attempts.setdefault(row["job_id"], {})[row["attempt"]] = row
+
+    async def catch_up(self) -> list[RecordedEvent]:
+        """Fold every event appended since the last call, by anyone."""
+        async with self._lock:
+            events = await self.store.read_all(from_seq=self.seq + 1)
+            for event in events:
+                await self._fold(event)
+                self.seq = event.seq
+            return events
+
+    async def _fold(self, event: RecordedEvent) -> None:
+        job = self.jobs.get(event.stream)
+        if job is None and event.type != "JobSubmitted":
+            job = await self._load_job(event.stream)
+            if job is None:
+                return
+        if job is not None and event.seq <= job["last_seq"]:
+            return  # already in the row loaded at start
+        before = job["state"] if job else None
+        job = fold_job(job, event)
+        self.jobs[event.stream] = job
+        self.runtime.setdefault(event.stream, JobRuntime())
+        self._fold_attempt(event)
+        if before is not None and before != job["state"]:
+            transitions_log.info(
+                "job %s attempt %s: %s -> %s (%s)",
+                event.stream, job["attempt"], before, job["state"], event.type,
+            )
+        elif before is None:
+            transitions_log.info("job %s submitted: queued (profile %s)", event.stream,
+                                 job["profile_name"])
+
+    async def _load_job(self, job_id: str) -> dict[str, Any] | None:
+        """Rebuild a job that is not in memory (it ended before this start) from its stream."""
+        self.attempts.pop(job_id, None)
+        rebuilt: dict[str, Any] | None = None
+        for event in await self.store.read_stream(job_id):
+            if event.seq > self.seq:
+                break
+            rebuilt = fold_job(rebuilt, event)
+            self._fold_attempt(event)
+        return rebuilt
+
+    def _fold_attempt(self, event: RecordedEvent) -> None:
+        if "attempt" not in event.data:
+            return
+        rows = self.attempts.setdefault(event.stream, {})
+        attempt = int(event.data["attempt"])
+        updated = fold_attempt(rows.get(attempt), event)
+        if updated is not None:
+            rows[attempt] = updated
+
+    def attempt_row(self, job_id: str, attempt: int | None = None) -> dict[str, Any] | None:
+        number = self.jobs[job_id]["attempt"] if attempt is None else attempt
+        return self.attempts.get(job_id, {}).get(number)
+
+    def live_attempts(self, job_id: str) -> list[dict[str, Any]]:
+        return [
+            row for row in self.attempts.get(job_id, {}).values()
+            if row["status"] in LIVE_ATTEMPT_STATUSES
+        ]
+
+    def state(self, job_id: str) -> JobState:
+        return JobState(self.jobs[job_id]["state"])
+
+    def runtime_for(self, job_id: str) -> JobRuntime:
+        return self.runtime.setdefault(job_id, JobRuntime())

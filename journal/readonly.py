@@ -1,0 +1,126 @@
+"""Ad-hoc read-only SQL over a journal file, for audits.
+
+Three layers keep the file unchanged: the file is opened with the URI `mode=ro`, the connection
+sets `PRAGMA query_only`, and an authorizer denies every action that writes. The authorizer is
+what lets the error name the statement kind; the other two also stop what it might miss.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from journal.errors import CorruptJournal, InvalidQuery, ReadOnlyViolation, sqlite_errors
+
+_DENIED_ACTIONS: dict[int, str] = {
+    sqlite3.SQLITE_INSERT: "INSERT",
+    sqlite3.SQLITE_UPDATE: "UPDATE",
+    sqlite3.SQLITE_DELETE: "DELETE",
+    sqlite3.SQLITE_ALTER_TABLE: "ALTER TABLE",
+    sqlite3.SQLITE_ATTACH: "ATTACH",  # VACUUM INTO also needs ATTACH
+    sqlite3.SQLITE_DETACH: "DETACH",
+    sqlite3.SQLITE_REINDEX: "REINDEX",
+    sqlite3.SQLITE_ANALYZE: "ANALYZE",
+    sqlite3.SQLITE_CREATE_VTABLE: "CREATE VIRTUAL TABLE",
+    sqlite3.SQLITE_DROP_VTABLE: "DROP VIRTUAL TABLE",
+}
+_DENIED_PREFIXES = {"SQLITE_CREATE_": "CREATE", "SQLITE_DROP_": "DROP"}
+for _name in dir(sqlite3):
+    for _prefix, _kind in _DENIED_PREFIXES.items():
+        if _name.startswith(_prefix):
+            _DENIED_ACTIONS.setdefault(getattr(sqlite3, _name), _kind)
+
+# Pragmas whose argument selects what to read, never a value to set.
+_READ_PRAGMAS_WITH_ARGUMENT = frozenset({
+    "table_info", "table_xinfo", "table_list", "index_info", "index_xinfo", "index_list",
+    "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check", "pragma_list",
+    "function_list", "module_list", "collation_list", "database_list", "compile_options",
+})
+# Pragmas that write even without an argument.
+_WRITING_PRAGMAS = frozenset({"optimize", "wal_checkpoint", "incremental_vacuum", "shrink_memory"})
+
+
+class _Authorizer:
+    """sqlite3 authorizer that denies writes and remembers which statement kind it denied."""
+
+    def __init__(self) -> None:
+        self._denied: list[tuple[str, str]] = []
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, *_: object) -> int:
+        kind = _DENIED_ACTIONS.get(action)
+        if kind is None and action == sqlite3.SQLITE_PRAGMA:
+            kind = _pragma_kind(arg1 or "", arg2)
+        if kind is None:
+            return sqlite3.SQLITE_OK
+        self._denied.append((kind, arg1 or ""))
+        return sqlite3.SQLITE_DENY
+
+    def denied_kind(self, sql: str) -> str | None:
+        """Return the statement kind to report, or None when nothing was denied.
+
+        SQLite checks CREATE and DROP by first asking to write to sqlite_master, so a denied
+        write to that table is reported with the statement's leading keyword.
+        """
+        if not self._denied:
+            return None
+        kind, target = self._denied[0]
+        if target.lower() in ("sqlite_master", "sqlite_temp_master", "sqlite_schema"):
+            words = sql.split(None, 1)
+            return words[0].upper() if words else kind
+        return kind
+
+
+def _pragma_kind(name: str, argument: str | None) -> str | None:
+    name = name.lower()
+    if name in _WRITING_PRAGMAS:
+        return f"PRAGMA {name}"
+    if argument is not None and name not in _READ_PRAGMAS_WITH_ARGUMENT:
+        return f"PRAGMA {name}={argument}"
+    return None
+
+
+def run_readonly_query(
+    path: str | Path, sql: str, params: Sequence = ()
+) -> tuple[list[str], list[tuple]]:
+    """Run one read-only statement on the journal at `path`; return column names and rows."""
+    if not Path(path).is_file():
+        raise CorruptJournal(f"journal {path} does not exist; check the path")
+    with sqlite_errors(path, busy_timeout_s=30.0):
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    try:
+        return _run(conn, path, sql, params)
+    finally:
+        conn.close()
+
+
+def _run(
+    conn: sqlite3.Connection, path: str | Path, sql: str, params: Sequence
+) -> tuple[list[str], list[tuple]]:
+    authorizer = _Authorizer()
+    with sqlite_errors(path, busy_timeout_s=30.0):
+        conn.execute("PRAGMA query_only=ON")
+        conn.set_authorizer(authorizer)
+    try:
+        cursor = conn.execute(sql, tuple(params))
+        rows = cursor.fetchall()
+    except sqlite3.Error as exc:
+        denied = authorizer.denied_kind(sql)
+        if denied is not None:
+            raise ReadOnlyViolation(
+                f"rejected {denied}: audit queries are read-only; "
+                "use SELECT or a PRAGMA that only reads"
+            ) from exc
+        if "readonly" in str(exc).lower() or "read-only" in str(exc).lower():
+            raise ReadOnlyViolation(
+                f"rejected statement: it would write to {path} ({exc}); audit queries are read-only"
+            ) from exc
+        raise _query_error(path, sql, exc) from exc
+    except sqlite3.Warning as exc:
+        raise _query_error(path, sql, exc) from exc
+    columns = [column[0] for column in cursor.description or ()]
+    return columns, rows
+
+
+def _query_error(path: str | Path, sql: str, exc: Exception) -> InvalidQuery:
+    return InvalidQuery(f"query on journal {path} failed: {exc}; fix the SQL {sql!r}")

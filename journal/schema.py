@@ -1,0 +1,88 @@
+"""The journal's SQLite schema, forward migrations keyed by PRAGMA user_version, and pragmas.
+
+Migration N (1-based) moves a file from user_version N-1 to N. Opening a file runs the missing
+migrations in one IMMEDIATE transaction. A file whose user_version is above len(MIGRATIONS) was
+written by newer code, so it is rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+from journal.errors import SchemaTooNew
+
+logger = logging.getLogger(__name__)
+
+_CREATE_EVENTS = (
+    """CREATE TABLE events (
+        seq            INTEGER PRIMARY KEY,
+        stream         TEXT    NOT NULL,
+        version        INTEGER NOT NULL CHECK (version >= 1),
+        type           TEXT    NOT NULL,
+        schema_version INTEGER NOT NULL CHECK (schema_version >= 1),
+        data           TEXT    NOT NULL,
+        recorded_at    REAL    NOT NULL,
+        hash           TEXT    NOT NULL,
+        UNIQUE (stream, version)
+    )""",
+    """CREATE TRIGGER events_reject_update BEFORE UPDATE ON events
+    BEGIN
+        SELECT RAISE(ABORT, 'events are append-only: UPDATE on table events is rejected');
+    END""",
+    """CREATE TRIGGER events_reject_delete BEFORE DELETE ON events
+    BEGIN
+        SELECT RAISE(ABORT, 'events are append-only: DELETE on table events is rejected');
+    END""",
+)
+
+# Audit queries filter by event type and by time; reads of one stream use the UNIQUE index.
+_INDEX_TYPE_AND_TIME = (
+    "CREATE INDEX events_by_type ON events (type, seq)",
+    "CREATE INDEX events_by_recorded_at ON events (recorded_at)",
+)
+
+# Each migration is a tuple of statements, run in order inside the migrating transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_CREATE_EVENTS, _INDEX_TYPE_AND_TIME)
+LATEST_SCHEMA_VERSION = len(MIGRATIONS)
+
+SYNCHRONOUS_MODES = ("FULL", "NORMAL")
+
+
+def configure_writer(conn: sqlite3.Connection, synchronous: str) -> None:
+    """Switch the file to WAL and set the durability level of this connection's commits."""
+    if synchronous not in SYNCHRONOUS_MODES:
+        raise ValueError(f"synchronous={synchronous!r} is invalid; use 'FULL' or 'NORMAL'")
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        logger.warning("journal could not switch to WAL mode; it stays in %s mode", mode)
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def migrate(conn: sqlite3.Connection, path: str | Path, target: int = LATEST_SCHEMA_VERSION) -> int:
+    """Run the migrations that take the file to `target`; return the version it started at.
+
+    `conn` must be in autocommit mode (isolation_level=None). DDL and user_version are
+    transactional in SQLite, so a crash mid-migration leaves the old version intact.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        start = conn.execute("PRAGMA user_version").fetchone()[0]
+        if start > LATEST_SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"journal {path} has schema version {start}, but this code knows versions up "
+                f"to {LATEST_SCHEMA_VERSION}; open it with a newer release of the journal package"
+            )
+        for version in range(start + 1, target + 1):
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version:d}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if start < target:
+        logger.info("journal %s migrated from schema version %d to %d", path, start, target)
+    return start
