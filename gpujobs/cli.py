@@ -22,8 +22,10 @@ from gpujobs.settings import Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run GPU training jobs on Vast.ai that survive preemption.")
-audit_app = typer.Typer(no_args_is_help=True, help="Query and verify the event journal.")
 profiles_app = typer.Typer(invoke_without_command=True, help="List or validate GPU profiles.")
+
+from gpujobs.cli_audit import audit_app  # noqa: E402  (sub-commands live in their own module)
+
 app.add_typer(audit_app, name="audit")
 app.add_typer(profiles_app, name="profiles")
 out = Console()
@@ -172,39 +174,6 @@ def emulator(
                       time_scale=time_scale, loading_s=loading_s))
 
 
-@audit_app.command("verify")
-def audit_verify() -> None:
-    """Recompute the journal's hash chain; name the first row that does not match."""
-    from journal import verify_file
-
-    settings = _settings()
-    result = verify_file(settings.journal_path)
-    if result.ok:
-        typer.echo(f"ok: {result.event_count} events, chain verified")
-        return
-    typer.echo(f"journal {settings.journal_path} fails verification at seq "
-               f"{result.first_bad_seq}: {result.reason}", err=True)
-    raise typer.Exit(1)
-
-
-@audit_app.command("sql")
-def audit_sql(
-    query: str = typer.Argument(..., help="A read-only SQL query."),
-    json_output: bool = typer.Option(False, "--json"),
-) -> None:
-    """Run a read-only SQL query against the journal and its views."""
-    from journal import run_readonly_query
-
-    columns, rows = run_readonly_query(_settings().journal_path, query)
-    if json_output:
-        _print_json([dict(zip(columns, row)) for row in rows])
-        return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    out.print(table)
-
-
 @profiles_app.callback()
 def profiles(ctx: typer.Context, json_output: bool = typer.Option(False, "--json")) -> None:
     """List the GPU profiles in effect."""
@@ -277,3 +246,7 @@ def _is_expected(exc: Exception) -> bool:
         exc.show()
         sys.exit(exc.exit_code)
     return isinstance(exc, (JournalError, VastError))
+
+
+if __name__ == "__main__":
+    main()

@@ -199,6 +199,24 @@ class CancelRequested(JobEvent):
 
 
 @dataclass(frozen=True)
+class BudgetAlert(JobEvent):
+    """Spend in a budget scope crossed an alert threshold (recorded on the job that crossed it)."""
+
+    scope: str
+    threshold: float
+    spent_usd: float
+    limit_usd: float
+
+
+@dataclass(frozen=True)
+class StopRequested(JobEvent):
+    """The supervisor asked the worker to checkpoint and stop; the job then fails with reason."""
+
+    reason: str
+    attempt: int = 0
+
+
+@dataclass(frozen=True)
 class JobCancelled(JobEvent):
     reason: str = "cancelled by user"
     attempt: int = 0
@@ -211,7 +229,7 @@ EVENT_TYPES: dict[str, type[JobEvent]] = {
         ProvisioningFailed, RecoveryDeferred, WorkerStarted, JobResumed, ProgressReported,
         CheckpointStarted, CheckpointSaved, PreemptionDetected, InstanceDestroyRequested,
         InstanceDestroyed, InstanceDestroyFailed, CostAccrued, WorkerStalled, WorkerUnreachable,
-        JobCompleted, JobFailed, CancelRequested, JobCancelled,
+        JobCompleted, JobFailed, CancelRequested, StopRequested, BudgetAlert, JobCancelled,
     )
 }
 

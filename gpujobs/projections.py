@@ -19,7 +19,8 @@ JOB_COLUMNS = (
     "job_id", "name", "team", "project", "profile_name", "priority", "state", "version",
     "attempt", "instance_id", "step", "last_checkpoint_step", "last_checkpoint_uri",
     "resumed_from_step", "preemptions", "restarts", "cost_usd", "submitted_at", "updated_at",
-    "finished_at", "reason", "cancel_requested", "spec", "profile", "metrics", "last_seq",
+    "finished_at", "reason", "cancel_requested", "stop_reason", "spec", "profile", "metrics",
+    "last_seq",
 )
 ATTEMPT_COLUMNS = (
     "job_id", "attempt", "offer_id", "machine_id", "host_id", "gpu_name", "dph_total",
@@ -149,6 +150,10 @@ def _cancel_requested(row: dict[str, Any], data: dict[str, Any]) -> None:
     row["cancel_requested"] = 1
 
 
+def _stop_requested(row: dict[str, Any], data: dict[str, Any]) -> None:
+    row["stop_reason"] = data["reason"]
+
+
 _JOB_FOLDS = {
     "OfferSelected": _offer_selected,
     "InstanceCreated": _instance_created,
@@ -166,6 +171,7 @@ _JOB_FOLDS = {
     "JobFailed": _ended,
     "JobCancelled": _ended,
     "CancelRequested": _cancel_requested,
+    "StopRequested": _stop_requested,
 }
 
 

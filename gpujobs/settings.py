@@ -71,4 +71,18 @@ def load_settings(*, home: Path | None = None, config_dir: Path | None = None) -
         vast_api_key=os.environ.get("VAST_API_KEY") or None,
         artifact_uri=os.environ.get("GPUJOBS_ARTIFACT_URI") or None,
         config_dirs=tuple(dirs),
+        report_host=os.environ.get("GPUJOBS_REPORT_HOST") or "127.0.0.1",
+        report_port=_port_from_env(),
+        public_report_url=os.environ.get("GPUJOBS_REPORT_URL") or None,
     )
+
+
+def _port_from_env() -> int:
+    text = os.environ.get("GPUJOBS_REPORT_PORT", "0")
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"GPUJOBS_REPORT_PORT={text!r} is not a port; use 0-65535 (0: any)")
+    return port

@@ -77,6 +77,7 @@ NON_TRANSITION_EVENTS = frozenset(
         "InstanceDestroyFailed",
         "CostAccrued",
         "CancelRequested",
+        "StopRequested",
         "WorkerStalled",
         "WorkerUnreachable",
         "BudgetAlert",

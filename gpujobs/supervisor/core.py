@@ -118,6 +118,11 @@ class Supervisor:
         await self.table.catch_up()
         return True
 
+    async def stop_job(self, job_id: str, reason: str) -> None:
+        """Checkpoint, then destroy, then fail the job with `reason` (budget, max duration)."""
+        async with self.table.runtime_for(job_id).lock:
+            await jobsteps.request_stop(self, job_id, reason)
+
     def artifact_uri(self, job_id: str) -> str:
         return f"{self.settings.artifact_root.rstrip('/')}/{job_id}"
 

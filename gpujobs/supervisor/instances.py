@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GPU_BILLED_STATUSES = (None, "created", "loading", "running", "rebooting", "restarting")
+# NOTE: the GPU is billed while the machine is reserved for us (cur_state "running", from
+# creation through loading and after the container exits) unless the host is offline; storage
+# is billed until destroy. The emulator bills this way; `cost-report --reconcile` checks it.
 
 
 def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, str]:
@@ -168,18 +170,15 @@ def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any],
     if start is None or now <= start:
         return None
     runtime = sup.table.runtime_for(job_id)
-    dph = float(row["dph_total"] or 0.0)
-    if runtime.rate_class == "storage":
-        dph = runtime.storage_dph
+    dph = runtime.storage_dph if runtime.rate_class == "storage" else float(row["dph_total"] or 0.0)
     billed_s = (now - start) * sup.billing_time_scale
     amount = dph * billed_s / 3600.0
     return ev.CostAccrued(int(row["attempt"]), int(row["instance_id"]), amount, billed_s, dph, now)
 
 
 def rate_class(instance: Instance) -> str:
-    return "gpu" if instance.actual_status in GPU_BILLED_STATUSES and not instance.is_outbid else (
-        "storage"
-    )
+    reserved = instance.cur_state == "running" and instance.actual_status != "offline"
+    return "gpu" if reserved else "storage"
 
 
 def storage_dph(instance: Instance) -> float:

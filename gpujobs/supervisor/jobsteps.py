@@ -51,6 +51,8 @@ async def step_job(sup: Supervisor, job_id: str, found: InstanceMap | None,
         await _clean_up(sup, job_id, found)
     elif job["cancel_requested"]:
         await _cancel(sup, job_id, found)
+    elif job["stop_reason"]:
+        await _stop(sup, job_id, instance, found)
     elif state is S.QUEUED:
         await _provision(sup, job_id, offers_cache)
     elif state is S.PROVISIONING:
@@ -92,6 +94,42 @@ async def _cancel(sup: Supervisor, job_id: str, found: InstanceMap | None) -> No
     job = sup.table.jobs[job_id]
     await sup.append(job_id, [ev.JobCancelled("cancelled by user", int(job["attempt"]))])
     await _clean_up(sup, job_id, found)
+
+
+async def request_stop(sup: Supervisor, job_id: str, reason: str) -> None:
+    """Ask the worker to checkpoint and stop; the job then fails with `reason`.
+
+    The worker hears it in the answer to its next report (or by SIGTERM when the instance is
+    destroyed after the grace period), so the last steps are saved before the machine goes.
+    """
+    job = sup.table.jobs[job_id]
+    if job["stop_reason"] or JobState(job["state"]).is_terminal:
+        return
+    if await sup.append(job_id, [ev.StopRequested(reason, int(job["attempt"]))]):
+        sup.table.runtime_for(job_id).preempted_at = time.time()
+
+
+async def _stop(sup: Supervisor, job_id: str, instance: Instance | None,
+                found: InstanceMap | None) -> None:
+    job = sup.table.jobs[job_id]
+    runtime = sup.table.runtime_for(job_id)
+    row = sup.table.attempt_row(job_id)
+    if row is not None and row["status"] in (CREATED, DESTROY_REQUESTED):
+        if found is None:
+            return
+        report = runtime.last_report
+        stopped = report is not None and report.kind.value in ("stopping", "checkpoint_saved")
+        if instance is not None and instance.actual_status == "running" and not (
+            stopped and report.checkpointing_step is None
+        ):
+            grace_s = float(job["spec"].get("grace_period_s", 10.0)) + PREEMPTION_GRACE_MARGIN_S
+            if time.time() - (runtime.preempted_at or time.time()) < grace_s:
+                return
+        await inst.request_destroy(sup, job_id, row, f"stopped: {job['stop_reason']}")
+        return
+    if row is not None and row["status"] == REQUESTED:
+        return
+    await sup.append(job_id, [ev.JobFailed(job["stop_reason"], int(job["attempt"]))])
 
 
 async def _ensure_no_live_instance(sup: Supervisor, job_id: str,

@@ -37,6 +37,9 @@ async def handle_report(sup: Supervisor, report: Report) -> str:
             return "ok" if state is S.DONE and report.kind is ReportKind.COMPLETED else "stop"
         _note(runtime, report)
         events = derive_events(job, report)
+        if job["stop_reason"]:
+            # A stop we asked for is not a preemption: the job ends once the worker is down.
+            events = [e for e in events if not isinstance(e, ev.PreemptionDetected)]
         if report.kind is ReportKind.COMPLETED:
             completion = await _completion(sup, job, report)
             if completion is not None:
@@ -45,7 +48,8 @@ async def handle_report(sup: Supervisor, report: Report) -> str:
             await sup.append(report.job_id, events)
         if any(isinstance(e, ev.PreemptionDetected) for e in events):
             runtime.preempted_at = time.time()
-        return "stop" if job["cancel_requested"] else "ok"
+        job = table.jobs[report.job_id]
+        return "stop" if job["cancel_requested"] or job["stop_reason"] else "ok"
 
 
 def _note(runtime, report: Report) -> None:  # type: ignore[no-untyped-def]
