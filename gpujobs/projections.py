@@ -129,6 +129,12 @@ def _preempted(row: dict[str, Any], data: dict[str, Any]) -> None:
 
 
 def _provisioning_failed(row: dict[str, Any], data: dict[str, Any]) -> None:
+    if data["reason"].startswith(WORKER_ERROR):
+        row["restarts"] += 1
+    row["reason"] = data["reason"]
+
+
+def _recovery_deferred(row: dict[str, Any], data: dict[str, Any]) -> None:
     row["reason"] = data["reason"]
 
 
@@ -165,7 +171,7 @@ _JOB_FOLDS = {
     "CheckpointSaved": _checkpoint_saved,
     "PreemptionDetected": _preempted,
     "ProvisioningFailed": _provisioning_failed,
-    "RecoveryDeferred": _provisioning_failed,
+    "RecoveryDeferred": _recovery_deferred,
     "CostAccrued": _cost,
     "JobCompleted": _completed,
     "JobFailed": _ended,

@@ -28,6 +28,7 @@ class Settings:
     report_host: str = "127.0.0.1"
     report_port: int = 0  # 0 picks a free port
     public_report_url: str | None = None  # what workers use to reach the report endpoint
+    report_mode: str = "http"  # "mailbox": workers leave reports in the artifact store
     lease_ttl_s: float = 30.0
     cost_interval_s: float = 60.0
 
@@ -74,7 +75,15 @@ def load_settings(*, home: Path | None = None, config_dir: Path | None = None) -
         report_host=os.environ.get("GPUJOBS_REPORT_HOST") or "127.0.0.1",
         report_port=_port_from_env(),
         public_report_url=os.environ.get("GPUJOBS_REPORT_URL") or None,
+        report_mode=_report_mode_from_env(),
     )
+
+
+def _report_mode_from_env() -> str:
+    mode = os.environ.get("GPUJOBS_REPORT_MODE", "http").strip().lower() or "http"
+    if mode not in ("http", "mailbox"):
+        raise ConfigError(f"GPUJOBS_REPORT_MODE={mode!r} is not a report mode; use http or mailbox")
+    return mode
 
 
 def _port_from_env() -> int:

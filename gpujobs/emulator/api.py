@@ -181,7 +181,7 @@ class ApiRoutes:
                 return error_response(400, "invalid_args", "label is longer than 1024 characters")
             inst.label = None if label is None else str(label)
         if state == "stopped":
-            self.emu.background(self.emu.fleet.stop(inst))
+            self.emu.background(self.emu.fleet.request_stop(inst))
         elif state == "running":
             if inst.is_bid and float(inst.price) < float(inst.offer["min_bid"]):
                 return error_response(400, "invalid_price", "bid price is below min_bid; raise "
@@ -243,11 +243,11 @@ class ApiRoutes:
     async def current_user(self, request: web.Request) -> web.Response:
         credit = round(self.emu.credit_usd(), 6)
         return json_response({
-            "id": 424242, "key_id": 1, "email": "emulator@example.invalid",
+            "id": 424242, "api_key": self.emu.api_key, "key_id": 1,
+            "email": "emulator@example.invalid",
             "username": "emulator", "fullname": "Vast.ai emulator", "balance": 0.0,
             "credit": credit, "balance_threshold": 0.0, "can_pay": True, "has_billing": True,
             "ssh_key": None, "sid": None, "host_agreement_accepted": False,
-            "api_key": self.emu.api_key,
         })
 
     async def charges(self, request: web.Request) -> web.Response:

@@ -133,7 +133,7 @@ class Emulator:
         self.fault_state = FaultState(plan, self.seed)
 
     def ledger(self) -> list[dict[str, Any]]:
-        """Every instance ever created, with what it has been billed so far."""
+        """Return every instance ever created, with its cost billed so far."""
         return [{
             "id": inst.id, "label": inst.label, "offer_id": inst.offer["id"],
             "machine_id": inst.offer["machine_id"], "host_id": inst.offer["host_id"],
@@ -201,6 +201,8 @@ class Emulator:
         except web.HTTPMethodNotAllowed:
             return error_response(405, "method_not_allowed", f"{request.method} is not allowed "
                                   f"on {request.path}")
+        if response.status >= 400:
+            logger.info("%s %s returned HTTP %d", request.method, request.path, response.status)
         return _corrupt(response, fault.malformed) if fault.malformed else response
 
     def _register_control(self, app: web.Application) -> None:

@@ -93,15 +93,34 @@ def signal_group(pid: int, sig: signal.Signals) -> bool:
 
 async def terminate(process: asyncio.subprocess.Process, *, sigterm: bool,
                     grace_s: float) -> int | None:
-    """Stop the whole process group: SIGTERM and up to ``grace_s`` seconds, then SIGKILL."""
+    """Stop the whole process group: SIGTERM and up to ``grace_s`` seconds, then SIGKILL.
+
+    The grace period lasts until every process of the group is gone, not only the leader: a
+    ``/bin/sh -c`` leader dies at once on SIGTERM while the program it started is still saving.
+    """
     if sigterm and signal_group(process.pid, signal.SIGTERM):
-        try:
-            await asyncio.wait_for(process.wait(), timeout=grace_s)
-        except asyncio.TimeoutError:
-            pass
-    # The leader may be gone while children of the group live on, so kill the group anyway.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while loop.time() < deadline and _group_alive(process.pid):
+            if process.returncode is None:
+                try:
+                    await asyncio.wait_for(process.wait(), timeout=0.05)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0.05)
     signal_group(process.pid, signal.SIGKILL)
     return await process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_tail(log_path: Path, lines: int) -> str:

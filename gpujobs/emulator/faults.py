@@ -8,7 +8,7 @@ A plan is a list of rules, loadable from YAML or JSON, for example::
       - {kind: offer_vanishes, probability: 0.3}
 
 Endpoints are named as ``"METHOD /path/"`` with ids replaced by ``{id}`` and without the
-``/api/v0`` prefix; a rule's endpoint matches when it equals that name or is a part of it.
+``/api/v0`` prefix. A rule's endpoint matches when it equals that name or is a substring of it.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class FaultPlan:
 
 @dataclass
 class HttpFault:
-    """What the HTTP layer must do to one request."""
+    """The changes the HTTP layer applies to one request."""
 
     delay_s: float = 0.0
     status: int | None = None  # replace the response with this status
@@ -188,7 +188,7 @@ class FaultState:
             fault.malformed = rule.form
 
     def offer_vanishes(self) -> bool:
-        """Whether the offer being rented is taken by someone else just before this create."""
+        """Decide whether another renter takes the offer just before this create."""
         for index, rule in enumerate(self.plan.rules):
             if rule.kind != "offer_vanishes":
                 continue
@@ -210,7 +210,7 @@ class FaultState:
         return int(rule.instance) == instance_id
 
     def timed_rules(self, instance_id: int) -> list[FaultRule]:
-        """The preempt and offline rules to schedule for an instance that just started."""
+        """Return the preempt and offline rules to schedule for an instance that just started."""
         return [rule for index, rule in enumerate(self.plan.rules)
                 if rule.kind in TIMED_KINDS and self._selects(index, rule, instance_id)]
 

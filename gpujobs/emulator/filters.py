@@ -55,7 +55,7 @@ def check_filters(filters: Mapping[str, Any]) -> None:
 
 
 def matches(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
-    """Whether ``row`` passes every condition; a bare value means ``eq``."""
+    """Return whether ``row`` passes every condition. A bare value means ``eq``."""
     for field, condition in filters.items():
         if not isinstance(condition, Mapping):
             condition = {"eq": condition}

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from gpujobs.emulator import container
 from gpujobs.emulator.billing import Meter
@@ -21,7 +21,9 @@ from gpujobs.emulator.faults import FaultRule, FaultState
 
 logger = logging.getLogger(__name__)
 
-# Statuses in which the GPU is reserved and billed.
+# cur_state values in which the GPU is reserved and billed, loading included.
+# NOTE: an exited container keeps billing the GPU until it is stopped or destroyed, and an
+# offline host bills storage only. The real API documents neither case.
 _GPU_BILLED_STATES = frozenset({"running"})
 
 
@@ -154,12 +156,18 @@ class Fleet:
         inst.generation += 1
         generation = inst.generation
         loading_s = self.loading_s + self._faults().extra_loading_s(inst.id)
-        await asyncio.sleep(min(0.25 * loading_s, 0.5))
-        self._set(inst, actual_status="loading", status_msg="Pulling image " + inst.image)
-        await asyncio.sleep(max(0.0, loading_s - min(0.25 * loading_s, 0.5)))
-        if inst.generation != generation or inst.destroyed or inst.cur_state != "running":
+        provisioning_s = min(0.25 * loading_s, 0.5)  # actual_status stays null this long
+        await asyncio.sleep(provisioning_s)
+        if not self._still_booting(inst, generation):
             return
-        await self._launch(inst, generation)
+        self._set(inst, actual_status="loading", status_msg="Pulling image " + inst.image)
+        await asyncio.sleep(loading_s - provisioning_s)
+        if self._still_booting(inst, generation):
+            await self._launch(inst, generation)
+
+    @staticmethod
+    def _still_booting(inst: EmulatedInstance, generation: int) -> bool:
+        return inst.generation == generation and not inst.destroyed and inst.cur_state == "running"
 
     async def _launch(self, inst: EmulatedInstance, generation: int) -> None:
         argv = container.container_argv(inst.onstart, inst.args, inst.runtype)
@@ -200,9 +208,16 @@ class Fleet:
             logger.info("instance %d: process group %d ended with code %s", inst.id,
                         process.pid, code)
 
+    def request_stop(self, inst: EmulatedInstance) -> Awaitable[None]:
+        """Mark a user stop at once; the returned coroutine kills the processes and finishes it."""
+        self._set(inst, intended_status="stopped", next_state="stopped")
+        return self._finish_stop(inst)
+
     async def stop(self, inst: EmulatedInstance) -> None:
         """User stop: SIGTERM, a short grace, SIGKILL; the GPU is released, storage bills on."""
-        self._set(inst, intended_status="stopped", next_state="stopped")
+        await self.request_stop(inst)
+
+    async def _finish_stop(self, inst: EmulatedInstance) -> None:
         await self._kill(inst, sigterm=True, grace_s=self.stop_grace_s)
         self._set(inst, actual_status="stopped", cur_state="stopped", status_msg="stopped by user")
 

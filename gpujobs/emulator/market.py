@@ -1,8 +1,9 @@
 """A seeded market of Vast.ai offers with the API's row shape, search and renting.
 
-The market always holds at least ten cheap 1x "RTX 4090" offers (dph_total <= 0.25,
-reliability >= 0.90), five 1x A100 offers under $2/h with reliability >= 0.98, and three
-4x "H100 SXM" offers under $4/h with reliability >= 0.99, all verified. Random offers follow.
+A new market contains at least ten cheap 1x "RTX 4090" offers (dph_total <= 0.25 for up to
+144 GB of allocated storage, reliability >= 0.90), five 1x A100 offers under $2/h with
+reliability >= 0.98, and three 4x "H100 SXM" offers under $4/h with reliability >= 0.99, all
+verified. Random offers follow. A destroyed instance's machine comes back under a new offer id.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ CONTROL_KEYS = frozenset({
     "order", "type", "limit", "allocated_storage", "target_reliability", "extra_ids",
     "template_id", "disable_bundling", "show_incompatible",
 })
-# NOTE: the real backend ignores "rented" (the CLI still sends it); the emulator does too.
+# The real backend ignores "rented" (the CLI still sends it), and so does the emulator.
+# NOTE: without filters the emulator also returns unverified offers; which defaults the real
+# backend applies to a bare query is undocumented.
 IGNORED_FILTERS = frozenset({"rented"})
 DEFAULT_ALLOCATED_STORAGE_GB = 5.0
 

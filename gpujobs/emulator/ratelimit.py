@@ -1,4 +1,4 @@
-"""Per-endpoint, per-caller minimum intervals, answered with the API's plain-text 429."""
+"""Per-endpoint, per-caller minimum intervals between calls, enforced with a plain-text 429."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ FILTERABLE_COLUMNS = frozenset({
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
-    """A JSON response whose Content-Type is exactly ``application/json``, as the API sends.
+    """Build a JSON response whose Content-Type is exactly ``application/json``.
 
     The official CLI compares the header with that string, so no charset parameter is added.
     """
@@ -88,7 +88,7 @@ def _price_block(inst: EmulatedInstance) -> dict[str, float]:
 
 
 def charge_record(inst: EmulatedInstance) -> dict[str, Any]:
-    """One charge per instance over its whole life, split into gpu and disk items."""
+    """Build one charge per instance over its whole life, split into gpu and disk items."""
     gpu_usd, disk_usd = inst.meter.totals()
     end = inst.destroyed_at or time.time()
     gpu_hours = inst.meter.gpu_billed_s / 3600.0

@@ -12,7 +12,7 @@ from journal import EventStore, VersionConflict
 from gpujobs import events as ev
 from gpujobs.projections import JobsProjection
 from gpujobs.settings import Settings
-from gpujobs.supervisor import jobsteps, reconcile
+from gpujobs.supervisor import jobsteps, mailbox, reconcile
 from gpujobs.supervisor.lease import SupervisorLease
 from gpujobs.supervisor.reports import ReportServer, TokenIssuer
 from gpujobs.supervisor.state import JobTable
@@ -99,6 +99,8 @@ class Supervisor:
         instances = await reconcile.list_instances(self)
         if instances is not None:
             await reconcile.reconcile(self, instances)
+        if self.settings.report_mode == "mailbox":
+            await mailbox.poll_mailboxes(self)
         offers_cache: dict[str, list] = {}
         for job_id in jobsteps.ordered_jobs(self.table):
             async with self.table.runtime_for(job_id).lock:

@@ -35,7 +35,6 @@ def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, 
         protocol.ENV_JOB_ID: job["job_id"],
         protocol.ENV_ATTEMPT: str(attempt),
         protocol.ENV_ARTIFACT_URI: sup.artifact_uri(job["job_id"]),
-        protocol.ENV_SUPERVISOR_URL: sup.report_url,
         protocol.ENV_JOB_TOKEN: sup.tokens.token_for(job["job_id"]),
         protocol.ENV_TOTAL_STEPS: str(spec["total_steps"]),
         protocol.ENV_CHECKPOINT_EVERY: str(spec["checkpoint_every"]),
@@ -45,6 +44,10 @@ def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, 
         protocol.ENV_HEARTBEAT_INTERVAL_S: str(spec["heartbeat_interval_s"]),
         protocol.ENV_SEED: str(spec["seed"]),
     })
+    if sup.settings.report_mode == "mailbox":
+        env["GPUJOBS_REPORT_MODE"] = "mailbox"
+    else:
+        env[protocol.ENV_SUPERVISOR_URL] = sup.report_url
     return env
 
 

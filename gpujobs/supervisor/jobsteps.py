@@ -154,7 +154,21 @@ async def _provision(sup: Supervisor, job_id: str, offers_cache: dict[str, list[
     if marker is not None:
         await _complete_from_marker(sup, job_id, marker)
         return
+    if await _restarts_spent(sup, job_id):
+        return
     await _provision_next(sup, job_id, offers_cache)
+
+
+async def _restarts_spent(sup: Supervisor, job_id: str) -> bool:
+    job = sup.table.jobs[job_id]
+    profile = Profile.from_dict(job["profile"])
+    if int(job["restarts"]) <= profile.max_restarts:
+        return False
+    await sup.append(job_id, [ev.JobFailed(
+        f"the worker failed {job['restarts']} times (max_restarts {profile.max_restarts}); "
+        f"last: {job['reason']}", int(job["attempt"]),
+    )])
+    return True
 
 
 async def _provision_next(sup: Supervisor, job_id: str,
@@ -212,10 +226,12 @@ async def _no_offer(sup: Supervisor, job_id: str, profile: Profile) -> None:
 
 
 def _failed_hosts(sup: Supervisor, job_id: str) -> set[int]:
-    """Hosts whose attempt of this job ended in anything but success."""
+    """Hosts that lost or failed to start an attempt of this job (not the job's own errors)."""
     hosts = set()
     for row in sup.table.attempts.get(job_id, {}).values():
-        if row["status"] in (DESTROYED, CREATE_FAILED) and row["host_id"] is not None:
+        reason = row["end_reason"] or ""
+        host_fault = reason.startswith(("preempted:", "instance ", "loading timed out"))
+        if host_fault and WORKER_ERROR not in reason and row["host_id"] is not None:
             hosts.add(int(row["host_id"]))
     return hosts
 
@@ -249,6 +265,9 @@ async def _lost_before_start(sup: Supervisor, job_id: str, row: dict[str, Any],
         await _complete_from_marker(sup, job_id, marker)
         return
     why = reason or f"instance {instance.id} is {instance.actual_status} before the worker started"
+    if reason is None and instance.actual_status == "exited":
+        # The machine worked; the command did not. That counts against max_restarts.
+        why = f"{WORKER_ERROR}: the worker exited before its first report ({instance.status_msg})"
     if await sup.append(job_id, [ev.ProvisioningFailed(int(row["attempt"]), why, 5.0)]):
         sup.table.runtime_for(job_id).backoff_until = time.time() + 5.0
         await inst.request_destroy(sup, job_id, sup.table.attempt_row(job_id, row["attempt"]), why)
@@ -329,12 +348,7 @@ async def _recover(sup: Supervisor, job_id: str, instance: Instance | None,
     if marker is not None:
         await _complete_from_marker(sup, job_id, marker)
         return
-    profile = Profile.from_dict(job["profile"])
-    if int(job["restarts"]) > profile.max_restarts:
-        await sup.append(job_id, [ev.JobFailed(
-            f"the worker failed {job['restarts']} times (max_restarts {profile.max_restarts}); "
-            f"last: {job['reason']}", int(job["attempt"]),
-        )])
+    if await _restarts_spent(sup, job_id):
         return
     if time.time() < runtime.backoff_until:
         return

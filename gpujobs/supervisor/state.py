@@ -39,6 +39,7 @@ class JobRuntime:
     destroy_sent_at: float | None = None  # DELETE accepted; absence from a later list confirms it
     destroy_retry_at: float = 0.0
     destroy_failures: int = 0
+    mailbox_sent_at: float = 0.0  # sent_at of the last mailbox report handled
     missing_lists: int = 0  # consecutive instance lists that did not show the live attempt
     rate_class: str | None = None  # "gpu" or "storage": what the instance was last billed at
     storage_dph: float = 0.0

@@ -157,7 +157,7 @@ class VastClient:
         instances: list[Instance] = []
         while True:
             payload = await self._call("GET", "/api/v1/instances/", params=params)
-            rows = payload.get("instances") or [] if isinstance(payload, dict) else []
+            rows = (payload.get("instances") or []) if isinstance(payload, dict) else []
             instances.extend(Instance.from_api(row) for row in rows if isinstance(row, Mapping))
             token = payload.get("next_token") if isinstance(payload, dict) else None
             if not token:
@@ -202,8 +202,8 @@ class VastClient:
                            poll_interval_s: float = 0.3, max_polls: int = 30) -> str:
         """Fetch the container log's last ``tail`` lines.
 
-        The API answers with a ``result_url`` that returns 404 until the log is uploaded; it is
-        polled without the API key because it lives on another host.
+        The API returns a ``result_url`` that gives 404 until the log is uploaded. The client
+        polls it without the API key, because it lives on another host.
         """
         payload = await self._call("PUT", f"/instances/request_logs/{int(instance_id)}/",
                                    json_body={"tail": str(int(tail))})

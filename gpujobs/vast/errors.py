@@ -1,7 +1,7 @@
 """Errors raised by the Vast.ai client.
 
 Every error derives from `VastError`, which carries the endpoint (``"PUT /asks/{id}/"``) and
-the HTTP status when there was one. Messages never contain the API key.
+the HTTP status when there was one. The client scrubs the API key from every message.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class InsufficientCredit(VastError):
 
 
 class RateLimited(VastError):
-    """The endpoint answered 429 on every attempt; `retry_after_s` is the server's hint or None."""
+    """The endpoint returned 429 on every attempt; `retry_after_s` is the server's hint or None."""
 
     def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs):
         super().__init__(message, **kwargs)
@@ -72,15 +72,15 @@ class SearchQuotaExceeded(VastError):
 
 
 class ServerError(VastError):
-    """The API answered 5xx on every attempt."""
+    """The API returned 5xx on every attempt."""
 
 
 class ConnectionFailed(VastError):
-    """The API could not be reached, or did not answer within the per-request timeout."""
+    """The API could not be reached, or timed out on every attempt."""
 
 
 class InvalidResponse(VastError):
-    """The API answered with a body that is not the JSON expected (HTML, truncated JSON)."""
+    """The API returned a body that is not the expected JSON (HTML, truncated JSON)."""
 
 
 class DeadlineExceeded(VastError):

@@ -3,8 +3,8 @@
 ``parse_query("gpu_name=RTX_4090 num_gpus=1 reliability>0.98")`` returns the JSON filter object
 that the CLI sends to ``POST /bundles/``. The CLI's quirks are kept on purpose, because saved
 queries must mean the same thing here and there: numbers stay strings except for the fields
-with a unit multiplier, ``_`` becomes a space in every string value, and ``any``/``*``/``?``
-with ``=`` deletes a filter, defaults included.
+with a unit multiplier, and ``_`` becomes a space in every string value. A value of
+``any``, ``*`` or ``?`` with ``=`` deletes a filter, defaults included.
 """
 
 from __future__ import annotations

@@ -12,15 +12,22 @@ from gpujobs.vast import errors
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 
 _OFFER_ID = re.compile(r"/asks/(\d+)")
+_KEY_FIELD = re.compile(r'("api_key"\s*:\s*")[^"]*("?)')
 _INSTANCE_ID = re.compile(r"/instances/(?:[a-z_]+/)?(\d+)")
 
 
-def decode_json(body: bytes, *, endpoint: str, status: int) -> Any:
+def scrub(text: str, secret: str | None = None) -> str:
+    """Remove an API key from text quoted out of a response body."""
+    text = _KEY_FIELD.sub(r"\1***\2", text)
+    return text.replace(secret, "***") if secret else text
+
+
+def decode_json(body: bytes, *, endpoint: str, status: int, secret: str | None = None) -> Any:
     """Parse a JSON body; raises InvalidResponse for HTML, empty or truncated bodies."""
     try:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        snippet = body[:80].decode("utf-8", "replace")
+        snippet = scrub(body[:80].decode("utf-8", "replace"), secret)
         raise errors.InvalidResponse(
             f"{endpoint} returned HTTP {status} with a body that is not valid JSON "
             f"(starts with {snippet!r}); the API or a proxy in front of it is misbehaving, "
@@ -42,22 +49,22 @@ def is_search_quota(status: int, payload: Any) -> bool:
     )
 
 
-def error_message(payload: Any, body: bytes) -> str:
-    """The server's own words: ``msg``, ``message``, ``detail`` or the plain-text body."""
+def error_message(payload: Any, body: bytes, secret: str | None = None) -> str:
+    """Return the server's message: ``msg``, ``message``, ``detail`` or the plain-text body."""
     if isinstance(payload, dict):
         for key in ("msg", "message", "detail", "error"):
             if payload.get(key):
-                return str(payload[key])
-    return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+                return scrub(str(payload[key]), secret)
+    return scrub(body[:200].decode("utf-8", "replace").strip(), secret) or "(empty body)"
 
 
 def error_for(
     endpoint: str, path: str, status: int, body: bytes, *, retry_after_s: float | None = None,
-    reset_at: float | None = None,
+    reset_at: float | None = None, secret: str | None = None,
 ) -> errors.VastError:
     """Build the error for a response that failed (an HTTP error or ``success: false``)."""
     payload = try_decode(body)
-    message = error_message(payload, body)
+    message = error_message(payload, body, secret)
     code = payload.get("error") if isinstance(payload, dict) else None
     context = {"endpoint": endpoint, "status": status}
     where = f"{endpoint} returned HTTP {status}: {message}"

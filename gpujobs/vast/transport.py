@@ -200,7 +200,8 @@ class Transport:
             raise self._error(outcome, endpoint, path)
         if not expect_json:
             return outcome.body
-        payload = decode_json(outcome.body, endpoint=endpoint, status=outcome.status)
+        payload = decode_json(outcome.body, endpoint=endpoint, status=outcome.status,
+                              secret=self._api_key)
         if isinstance(payload, dict) and payload.get("success") is False:
             raise self._error(outcome, endpoint, path)
         return payload
@@ -210,7 +211,7 @@ class Transport:
         return error_for(
             endpoint, path, outcome.status or 0, outcome.body,
             retry_after_s=parse_retry_after(_header(outcome, "Retry-After")),
-            reset_at=parse_retry_after(reset),
+            reset_at=parse_retry_after(reset), secret=self._api_key,
         )
 
     def _final_error(self, outcome: _Outcome, endpoint: str, path: str,
@@ -248,7 +249,8 @@ def _header(outcome: _Outcome, name: str) -> str | None:
 
 
 def _describe(outcome: _Outcome) -> str:
-    if outcome.failure is not None:
-        return f"{type(outcome.failure).__name__}: {outcome.failure}" if str(
-            outcome.failure) else type(outcome.failure).__name__
-    return f"HTTP {outcome.status}"
+    if outcome.failure is None:
+        return f"HTTP {outcome.status}"
+    name = type(outcome.failure).__name__
+    detail = str(outcome.failure)
+    return f"{name}: {detail}" if detail else name

@@ -1,0 +1,340 @@
+"""Budget admission before provisioning, and enforcement of budgets and max duration each tick.
+
+The guard keeps its own fold of the journal's cost events (one query per tick for the events
+appended since the last one), so each tick costs O(jobs) and no API call. Spend counts the
+journal's CostAccrued amounts plus an estimate of what live instances have run up since they
+were last billed: dph x time since billed_through x the billing time scale.
+
+Enforcement stops a scope's jobs before the limit, once the spend plus what the scope's live
+instances burn during one stop (the grace period to checkpoint, the destroy, two ticks) would
+reach it; what still overshoots the limit is the error of that estimate, at most about one
+tick of billing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpujobs import events as ev
+from gpujobs.budgets import BudgetBook, BudgetConfig, BudgetStatus, load_budgets
+from gpujobs.cost import RUN_ENDS
+from gpujobs.errors import ConfigError
+from gpujobs.profiles import environment_from
+from gpujobs.projections import CREATED, DESTROY_REQUESTED
+from gpujobs.states import JobState
+
+if TYPE_CHECKING:
+    from gpujobs.supervisor.core import Supervisor
+
+log = logging.getLogger(__name__)
+
+STOP_MARGIN_S = 5.0  # what the supervisor waits past a job's grace period before destroying
+GUARD_EVENT_TYPES = ("JobSubmitted", "InstanceCreated", "CostAccrued", "WorkerStarted",
+                     "JobResumed", "BudgetAlert", *RUN_ENDS)
+_GUARDS: weakref.WeakKeyDictionary[Any, BudgetGuard] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class JobFacts:
+    team: str
+    project: str
+    max_dph: float
+    max_duration_hours: float
+    run_closed_s: float = 0.0  # real seconds the worker ran on finished attempts
+    run_since: float | None = None  # when the current attempt's worker started
+    run_attempt: int = 0
+    last_cost_seq: int = 0
+
+    def running_s(self, now: float) -> float:
+        open_s = now - self.run_since if self.run_since is not None else 0.0
+        return self.run_closed_s + max(0.0, open_s)
+
+
+@dataclass
+class BudgetGuard:
+    config: BudgetConfig
+    files: tuple[tuple[Path, float], ...]
+    env: str | None
+    book: BudgetBook = field(default_factory=BudgetBook)
+    jobs: dict[str, JobFacts] = field(default_factory=dict)
+    billed_through: dict[tuple[str, int], float] = field(default_factory=dict)
+    alerted: set[tuple[str, float]] = field(default_factory=set)
+    seq: int = 0
+    synced_tick: int = -1
+    unbilled_cache: tuple[float, list[tuple[str, str, float]]] | None = None
+
+    def fold(self, seq: int, stream: str, kind: str, data: dict[str, Any], at: float) -> None:
+        if kind == "JobSubmitted":
+            profile = data.get("profile") or {}
+            self.jobs[stream] = JobFacts(
+                str(data["team"]), str(data["project"]), float(profile.get("max_dph", 0.0)),
+                float(profile.get("max_duration_hours", 0.0)),
+            )
+            return
+        if kind == "BudgetAlert":
+            self.alerted.add((str(data["scope"]), float(data["threshold"])))
+            return
+        facts = self.jobs.get(stream)
+        if facts is None:
+            return
+        attempt = int(data.get("attempt") or 0)
+        if kind == "InstanceCreated":
+            self.billed_through[(stream, attempt)] = at
+        elif kind == "CostAccrued":
+            start = self.billed_through.get((stream, attempt), float(data["through"]))
+            self.book.add(facts.team, facts.project, start, float(data["through"]),
+                          float(data["amount_usd"]))
+            self.billed_through[(stream, attempt)] = float(data["through"])
+            facts.last_cost_seq = seq
+        elif kind in ("WorkerStarted", "JobResumed") and facts.run_since is None:
+            facts.run_since, facts.run_attempt = at, attempt
+        if kind in RUN_ENDS and facts.run_since is not None and attempt in (
+            facts.run_attempt, 0
+        ):
+            facts.run_closed_s += max(0.0, at - facts.run_since)
+            facts.run_since = None
+
+
+def _budget_paths(sup: Supervisor) -> list[Path]:
+    return list(sup.settings.budget_files())
+
+
+def _stamp(paths: list[Path]) -> tuple[tuple[Path, float], ...]:
+    return tuple((path, path.stat().st_mtime) for path in paths if path.exists())
+
+
+def _env(sup: Supervisor) -> str | None:
+    return getattr(sup.settings, "env", None) or environment_from(None)
+
+
+def guard_for(sup: Supervisor) -> BudgetGuard:
+    """The guard of this supervisor; the first call loads budgets.yaml and may raise ConfigError."""
+    guard = _GUARDS.get(sup)
+    if guard is None:
+        paths = _budget_paths(sup)
+        env = _env(sup)
+        guard = BudgetGuard(load_budgets(paths, env=env), _stamp(paths), env)
+        _GUARDS[sup] = guard
+        log.info("budgets: %d in effect (environment %s, on_exceeded %s)",
+                 len(guard.config.budgets), env or "none", guard.config.on_exceeded)
+    return guard
+
+
+def _reload_if_changed(guard: BudgetGuard, sup: Supervisor) -> None:
+    paths = _budget_paths(sup)
+    stamp = _stamp(paths)
+    if stamp == guard.files:
+        return
+    guard.files = stamp
+    try:
+        guard.config = load_budgets(paths, env=guard.env)
+    except ConfigError as exc:
+        log.error("budgets.yaml changed but is invalid, keeping the budgets in effect: %s", exc)
+        return
+    log.info("budgets reloaded: %d in effect", len(guard.config.budgets))
+
+
+async def sync(sup: Supervisor) -> BudgetGuard:
+    """Fold the cost events appended since the last call; at most one query per tick."""
+    guard = guard_for(sup)
+    if guard.synced_tick == sup.ticks:
+        return guard
+    _reload_if_changed(guard, sup)
+    placeholders = ", ".join("?" for _ in GUARD_EVENT_TYPES)
+    rows = await sup.store.query(
+        f"SELECT seq, stream, type, data, recorded_at FROM events WHERE seq > ? AND type IN "
+        f"({placeholders}) ORDER BY seq", (guard.seq, *GUARD_EVENT_TYPES),
+    )
+    for row in rows:
+        guard.fold(int(row[0]), row[1], row[2], json.loads(row[3]), float(row[4]))
+        guard.seq = int(row[0])
+    guard.synced_tick = sup.ticks
+    guard.unbilled_cache = None
+    return guard
+
+
+def _live_attempts(sup: Supervisor) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for job_id, attempts in sup.table.attempts.items():
+        for row in attempts.values():
+            if row["status"] in (CREATED, DESTROY_REQUESTED) and row["instance_id"] is not None:
+                found.append((job_id, row))
+    return found
+
+
+def _live_dph(sup: Supervisor, job_id: str, row: dict[str, Any]) -> float:
+    runtime = sup.table.runtime_for(job_id)
+    if runtime.rate_class == "storage":
+        return runtime.storage_dph
+    return float(row["dph_total"] or 0.0)
+
+
+def unbilled(sup: Supervisor, guard: BudgetGuard, now: float) -> list[tuple[str, str, float]]:
+    """(team, project, usd) that live instances ran up since they were last billed.
+
+    Computed once per tick (per sync), so admitting many queued jobs stays O(jobs).
+    """
+    if guard.unbilled_cache is not None:
+        return guard.unbilled_cache[1]
+    pending = []
+    for job_id, row in _live_attempts(sup):
+        facts = guard.jobs.get(job_id)
+        since = row["billed_through"] or row["created_at"]
+        if facts is None or since is None:
+            continue
+        usd = _live_dph(sup, job_id, row) * max(0.0, now - since) * sup.billing_time_scale / 3600
+        pending.append((facts.team, facts.project, usd))
+    guard.unbilled_cache = (now, pending)
+    return pending
+
+
+def _statuses(sup: Supervisor, guard: BudgetGuard, team: str, project: str,
+              now: float) -> list[BudgetStatus]:
+    live = unbilled(sup, guard, now)
+    return [guard.book.spent(b, now, live) for b in guard.config.for_job(team, project)]
+
+
+def remaining_hours(sup: Supervisor, facts: JobFacts, now: float) -> float:
+    """Billed hours the job may still run under its max_duration_hours."""
+    ran_h = facts.running_s(now) * sup.billing_time_scale / 3600.0
+    return max(0.0, facts.max_duration_hours - ran_h)
+
+
+async def admission(sup: Supervisor, job_id: str) -> str | None:
+    """Check that the job's worst case fits every budget it is in; None when it may provision.
+
+    When it does not fit, the job waits (RecoveryDeferred if it was preempted, so it shows
+    as queued with the reason) or fails at once under ``on_exceeded: reject``; the reason is
+    returned either way, and the caller must not provision.
+    """
+    guard = await sync(sup)
+    facts = guard.jobs.get(job_id)
+    if facts is None:
+        return None
+    now = time.time()
+    hours = remaining_hours(sup, facts, now)
+    worst_usd = facts.max_dph * hours
+    for status in _statuses(sup, guard, facts.team, facts.project, now):
+        if worst_usd > status.left_usd:
+            reason = (f"budget {status.scope} has ${max(0.0, status.left_usd):.2f} of "
+                      f"${status.limit_usd:.2f} left, but the job may cost up to "
+                      f"${worst_usd:.2f} (max_dph ${facts.max_dph:g}/h x {hours:g} h)")
+            await _hold(sup, guard, job_id, reason)
+            return reason
+    return None
+
+
+async def _hold(sup: Supervisor, guard: BudgetGuard, job_id: str, reason: str) -> None:
+    job = sup.table.jobs[job_id]
+    runtime = sup.table.runtime_for(job_id)
+    attempt = int(job["attempt"])
+    if guard.config.on_exceeded == "reject":
+        log.warning("job %s rejected: %s", job_id, reason)
+        await sup.append(job_id, [ev.JobFailed(f"rejected: {reason}", attempt)])
+        return
+    if runtime.wait_reason != reason:
+        log.info("job %s waits: %s", job_id, reason)
+    runtime.wait_reason = reason
+    if JobState(job["state"]) is JobState.PREEMPTED:
+        await sup.append(job_id, [ev.RecoveryDeferred(attempt, reason)])
+
+
+async def enforce(sup: Supervisor) -> None:
+    """Record alerts, then stop jobs past max_duration_hours or in a scope at its limit."""
+    guard = await sync(sup)
+    now = time.time()
+    live = unbilled(sup, guard, now)
+    statuses = [guard.book.spent(b, now, live) for b in guard.config.budgets]
+    for status in statuses:
+        await _alert(sup, guard, status)
+    for job_id, reason in _stops(sup, guard, statuses, now):
+        log.warning("job %s: stopping: %s", job_id, reason)
+        await sup.stop_job(job_id, reason)
+
+
+def _stoppable(sup: Supervisor) -> list[str]:
+    return [
+        job_id for job_id, job in sup.table.jobs.items()
+        if not JobState(job["state"]).is_terminal and not job["stop_reason"]
+        and not job["cancel_requested"]
+    ]
+
+
+def _stops(sup: Supervisor, guard: BudgetGuard, statuses: list[BudgetStatus],
+           now: float) -> list[tuple[str, str]]:
+    stops: dict[str, str] = {}
+    candidates = _stoppable(sup)
+    for job_id in candidates:
+        facts = guard.jobs.get(job_id)
+        if facts is not None and facts.max_duration_hours > 0 and remaining_hours(
+            sup, facts, now
+        ) <= 0:
+            ran_h = facts.running_s(now) * sup.billing_time_scale / 3600.0
+            stops[job_id] = (f"max_duration_hours reached: ran {ran_h:.2f} h of "
+                             f"{facts.max_duration_hours:g} h")
+    running = _running_in_scope(sup, guard, candidates)
+    for status in statuses:
+        in_scope = [(j, dph) for j, team, project, dph in running
+                    if status.budget.applies_to(team, project)]
+        if not in_scope:
+            continue
+        burn_usd = sum(dph for _, dph in in_scope) * _stop_lead_s(sup, [j for j, _ in in_scope]
+                                                                  ) * sup.billing_time_scale / 3600
+        if status.spent_usd + burn_usd >= status.limit_usd:
+            reason = (f"budget {status.scope} reached: ${status.spent_usd:.2f} spent of "
+                      f"${status.limit_usd:.2f}")
+            for job_id, _ in in_scope:
+                stops.setdefault(job_id, reason)
+    return list(stops.items())
+
+
+def _running_in_scope(sup: Supervisor, guard: BudgetGuard,
+                      candidates: list[str]) -> list[tuple[str, str, str, float]]:
+    """(job, team, project, dph) of every stoppable job with a live instance."""
+    allowed = set(candidates)
+    found = []
+    for job_id, row in _live_attempts(sup):
+        facts = guard.jobs.get(job_id)
+        if job_id in allowed and facts is not None:
+            found.append((job_id, facts.team, facts.project, _live_dph(sup, job_id, row)))
+    return found
+
+
+def _stop_lead_s(sup: Supervisor, job_ids: list[str]) -> float:
+    """Real seconds from a stop request until billing ends: grace, margin and two ticks."""
+    grace_s = max(float(sup.table.jobs[j]["spec"].get("grace_period_s", 10.0)) for j in job_ids)
+    return grace_s + STOP_MARGIN_S + 2 * sup.settings.tick_s
+
+
+async def _alert(sup: Supervisor, guard: BudgetGuard, status: BudgetStatus) -> None:
+    for threshold in status.budget.alert_at:
+        key = (status.scope, threshold)
+        if status.fraction < threshold or key in guard.alerted:
+            continue
+        job_id = _job_to_alert(sup, guard, status)
+        if job_id is None:
+            return
+        log.warning("budget %s crossed %.0f%%: $%.2f spent of $%.2f (recorded on job %s)",
+                    status.scope, threshold * 100, status.spent_usd, status.limit_usd, job_id)
+        alert = ev.BudgetAlert(status.scope, threshold, round(status.spent_usd, 6),
+                               status.limit_usd)
+        if await sup.append(job_id, [alert]):
+            guard.alerted.add(key)
+
+
+def _job_to_alert(sup: Supervisor, guard: BudgetGuard, status: BudgetStatus) -> str | None:
+    """The job in the scope that was billed last, among those the supervisor holds."""
+    best: tuple[int, str] | None = None
+    for job_id in sup.table.jobs:
+        facts = guard.jobs.get(job_id)
+        if facts is None or not status.budget.applies_to(facts.team, facts.project):
+            continue
+        if best is None or facts.last_cost_seq > best[0]:
+            best = (facts.last_cost_seq, job_id)
+    return None if best is None else best[1]

@@ -1,0 +1,145 @@
+"""Fault plans: parsing, validation, and each kind firing through a running emulator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpujobs.emulator import Emulator, FaultPlan, FaultPlanError
+from gpujobs.emulator.faults import FaultState
+from gpujobs.vast import errors
+
+from emu_helpers import cheap_offer, client_for, wait_for, wait_for_status
+
+
+def test_plan_from_yaml_file(tmp_path):
+    path = tmp_path / "faults.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - {kind: preempt, after_s: 5, sigterm: true, grace_s: 3, instance: first}\n"
+        "  - {kind: burst_429, endpoint: 'PUT /asks/{id}/', count: 2}\n"
+        "  - {kind: offer_vanishes, probability: 0.25}\n"
+    )
+    plan = FaultPlan.from_file(path)
+    assert [rule.kind for rule in plan.rules] == ["preempt", "burst_429", "offer_vanishes"]
+    assert plan.rules[0].grace_s == 3
+    assert plan.rules[1].count == 2
+    assert plan.rules[2].probability == 0.25
+
+
+def test_plan_from_json_list_file(tmp_path):
+    path = tmp_path / "faults.json"
+    path.write_text(json.dumps([{"kind": "offline", "after_s": 1, "instance": 12345}]))
+    plan = FaultPlan.from_file(path)
+    assert plan.rules[0].instance == 12345
+    assert FaultPlan.from_data(json.loads(plan.to_json())) == plan
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"kind": "explode"}, "kind 'explode' is invalid"),
+    ({"kind": "preempt", "after_s": -1}, "after_s must be a number >= 0"),
+    ({"kind": "burst_429", "count": 0}, "count must be an integer >= 1"),
+    ({"kind": "preempt", "when": 3}, "unknown field(s) when"),
+    ({"kind": "offer_vanishes", "probability": 2}, "probability must be between 0 and 1"),
+    ({"kind": "malformed", "form": "xml"}, "form must be 'html' or 'truncated'"),
+    ({"kind": "preempt", "instance": "last"}, "instance must be 'first', 'all'"),
+    ({"kind": "burst_5xx", "status": 404}, "status must be 5xx"),
+])
+def test_invalid_rules_named(rule, message):
+    with pytest.raises(FaultPlanError) as caught:
+        FaultPlan.from_data({"rules": [{"kind": "slow"}, rule]})
+    assert "fault rule 1" in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_invalid_file_names_path(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rules: [\n")
+    with pytest.raises(FaultPlanError, match="bad.yaml"):
+        FaultPlan.from_file(path)
+    with pytest.raises(FaultPlanError, match="cannot read"):
+        FaultPlan.from_file(tmp_path / "missing.yaml")
+
+
+def test_vanishing_probability_deterministic_per_seed():
+    plan = FaultPlan.from_data([{"kind": "offer_vanishes", "probability": 0.5}])
+    draws = [[FaultState(plan, seed).offer_vanishes() for _ in range(1)] for seed in range(20)]
+    again = [[FaultState(plan, seed).offer_vanishes() for _ in range(1)] for seed in range(20)]
+    assert draws == again
+    assert {True, False} == {draw[0] for draw in draws}
+
+
+def test_http_fault_counts():
+    state = FaultState(FaultPlan.from_data([
+        {"kind": "burst_5xx", "endpoint": "bundles", "count": 2, "status": 504},
+        {"kind": "slow", "endpoint": "POST /bundles/", "delay_s": 0.5},
+    ]), seed=0)
+    faults = [state.http_fault("POST /bundles/") for _ in range(3)]
+    assert [fault.status for fault in faults] == [504, 504, None]
+    assert [fault.delay_s for fault in faults] == [0.5, 0.5, 0.5]
+    assert state.http_fault("GET /api/v1/instances/").status is None
+
+
+async def started(tmp_path, rules, **options) -> Emulator:
+    emu = Emulator(seed=8, loading_s=0.2, rate_limits=False, workdir=tmp_path / "emu",
+                   faults=FaultPlan.from_data(rules), **options)
+    await emu.start()
+    return emu
+
+
+async def test_timed_preempt_first_instance(tmp_path):
+    emu = await started(tmp_path, [{"kind": "preempt", "after_s": 0.2, "sigterm": True,
+                                    "grace_s": 1.0, "instance": "first"}])
+    try:
+        async with client_for(emu) as vast:
+            first = await vast.create_instance(await cheap_offer(vast), image="busybox",
+                                               onstart="exec sleep 60")
+            second = await vast.create_instance(await cheap_offer(vast), image="busybox",
+                                                onstart="exec sleep 60")
+            outbid = await wait_for_status(vast, first, "stopped")
+            assert outbid.is_outbid
+            await wait_for_status(vast, second, "running")
+            assert not (await vast.show_instance(second)).is_outbid
+    finally:
+        await emu.stop()
+
+
+async def test_timed_offline_all(tmp_path):
+    emu = await started(tmp_path, [{"kind": "offline", "after_s": 0.1, "instance": "all"}])
+    try:
+        async with client_for(emu) as vast:
+            ids = [await vast.create_instance(await cheap_offer(vast), image="busybox")
+                   for _ in range(2)]
+            for instance_id in ids:
+                await wait_for_status(vast, instance_id, "offline")
+    finally:
+        await emu.stop()
+
+
+async def test_slow_loading(tmp_path):
+    emu = await started(tmp_path, [{"kind": "slow_loading", "extra_s": 1.0,
+                                    "instance": "first"}])
+    try:
+        async with client_for(emu) as vast:
+            slow = await vast.create_instance(await cheap_offer(vast), image="busybox")
+            fast = await vast.create_instance(await cheap_offer(vast), image="busybox")
+            await wait_for_status(vast, fast, "running")
+            assert (await vast.show_instance(slow)).actual_status in (None, "loading")
+            await wait_for_status(vast, slow, "running")
+    finally:
+        await emu.stop()
+
+
+async def test_burst_on_one_endpoint_only(tmp_path):
+    emu = await started(tmp_path, [{"kind": "burst_5xx", "endpoint": "PUT /asks/{id}/",
+                                    "count": 3}])
+    try:
+        async with client_for(emu, max_attempts=2) as vast:
+            offer_id = await cheap_offer(vast)
+            with pytest.raises(errors.ServerError):
+                await vast.create_instance(offer_id, image="busybox")
+            assert await vast.create_instance(offer_id, image="busybox") > 0
+        assert emu.request_count("PUT /asks/{id}/") == 4
+    finally:
+        await emu.stop()

@@ -1,0 +1,164 @@
+"""budgets.yaml validation, environments, UTC calendar periods and the spend book."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from gpujobs.budgets import (
+    Budget, BudgetBook, load_budgets, period_window, split_by_day,
+)
+from gpujobs.errors import ConfigError
+from gpujobs.settings import SHIPPED_CONFIG_DIR
+
+BASE = ("budgets:\n  - team: research\n    limit_usd: 100\n    period: month\n"
+        "    alert_at: [0.5, 0.8]\non_exceeded: wait\n")
+
+
+def utc(*parts: int) -> float:
+    return datetime(*parts, tzinfo=timezone.utc).timestamp()
+
+
+CASES = [
+    ("unknown key", BASE.replace("    period: month\n", "    period: month\n    colour: red\n"),
+     "5: budgets[0]: colour: unknown key; expected one of: alert_at, description, limit_usd, "
+     "period, project, team"),
+    ("bad period", BASE.replace("period: month", "period: year"),
+     "4: budgets[0]: period: expected one of day, week, month, total, got str 'year'"),
+    ("missing period", BASE.replace("    period: month\n", ""),
+     "2: budgets[0]: missing required key 'period'; use one of day, week, month, total"),
+    ("zero limit", BASE.replace("limit_usd: 100", "limit_usd: 0"),
+     "3: budgets[0]: limit_usd: must be greater than 0, got 0"),
+    ("quoted limit", BASE.replace("limit_usd: 100", "limit_usd: '100'"),
+     "3: budgets[0]: limit_usd: expected a number, got the string '100'; remove the quotes"),
+    ("unordered alerts", BASE.replace("[0.5, 0.8]", "[0.8, 0.5]"),
+     "5: budgets[0]: alert_at: thresholds must increase with no repeats, got [0.8, 0.5]"),
+    ("alert as percent", BASE.replace("[0.5, 0.8]", "[50]"),
+     "5: budgets[0]: alert_at: each threshold must be a number in (0, 1], got 50"),
+    ("alert not list", BASE.replace("[0.5, 0.8]", "0.5"),
+     "5: budgets[0]: alert_at: expected a list of fractions of the limit, such as [0.5, 0.8]"),
+    ("no scope", BASE.replace("  - team: research\n    limit_usd", "  - limit_usd"),
+     "2: budgets[0]: give a team, a project or both to say whom it limits"),
+    ("bad team name", BASE.replace("team: research", "team: 'my team'"),
+     "2: budgets[0]: team: invalid team 'my team': use 1-63 letters, digits, '.', '_' or '-', "
+     "starting with a letter or digit"),
+    ("duplicate scope", BASE.replace("on_exceeded: wait\n", "")
+     + "  - team: research\n    limit_usd: 5\n    period: month\n",
+     "6: budgets[1]: team=research already has a month budget at budgets[0]; keep one"),
+    ("yaml 1.1 boolean", BASE.replace("on_exceeded: wait", "on_exceeded: no"),
+     "6: file: on_exceeded: expected one of wait, reject, got the boolean false (YAML reads "
+     "yes/no/on/off as booleans; quote it)"),
+    ("unknown top key", BASE + "budget: []\n",
+     "7: file: budget: unknown key; expected one of: budgets, environments, on_exceeded"),
+    ("not a list", "budgets:\n  team: x\n",
+     "1: budgets: expected a list of budgets ('- team: ...'), got a mapping"),
+    ("item not mapping", "budgets:\n  - 3\n",
+     "1: budgets[0]: expected a mapping (team, project, limit_usd, period, alert_at)"),
+    ("profiles in budgets env", BASE + "environments:\n  dev:\n    profiles: {}\n",
+     "9: environment 'dev': profiles: belongs in gpu_profiles.yaml under environments.dev"),
+    ("bad env on_exceeded", BASE + "environments:\n  dev:\n    on_exceeded: later\n",
+     "9: environment 'dev': on_exceeded: expected one of wait, reject, got str 'later'"),
+]
+
+
+@pytest.mark.parametrize("text, expected", [(t, e) for _, t, e in CASES],
+                         ids=[name for name, _, _ in CASES])
+def test_budget_error_message(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_budgets([path])
+    assert str(caught.value) == f"{path}:{expected}"
+
+
+def test_shipped_budgets_load() -> None:
+    config = load_budgets([SHIPPED_CONFIG_DIR / "budgets.yaml"])
+    assert config.on_exceeded == "wait"
+    assert len(config.budgets) == 3
+    dev = load_budgets([SHIPPED_CONFIG_DIR / "budgets.yaml"], env="dev")
+    assert dev.on_exceeded == "reject"
+    research = [b for b in dev.budgets if b.key == ("research", None, "month")]
+    assert research[0].limit_usd == 50.0
+
+
+def test_environment_replaces_same_scope(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text(BASE + "environments:\n  dev:\n    budgets:\n      - team: research\n"
+                    "        limit_usd: 10\n        period: month\n      - project: digits\n"
+                    "        limit_usd: 3\n        period: day\n")
+    dev = load_budgets([path], env="dev")
+    assert [(b.team, b.project, b.limit_usd) for b in dev.budgets] == [
+        ("research", None, 10.0), (None, "digits", 3.0),
+    ]
+    assert dev.on_exceeded == "wait"
+    with pytest.raises(ConfigError) as caught:
+        load_budgets([path], env="prod")
+    assert str(caught.value) == (
+        f"environment 'prod' is not defined in {path}; defined: dev; add it under "
+        "'environments:' or fix GPUJOBS_ENV / --env"
+    )
+
+
+def test_later_file_replaces_scope(tmp_path: Path) -> None:
+    first = tmp_path / "a.yaml"
+    first.write_text(BASE)
+    second = tmp_path / "b.yaml"
+    second.write_text("budgets:\n  - team: research\n    limit_usd: 7\n    period: month\n"
+                      "on_exceeded: reject\n")
+    config = load_budgets([first, second])
+    assert [b.limit_usd for b in config.budgets] == [7.0]
+    assert config.on_exceeded == "reject"
+
+
+def test_budget_scopes_apply() -> None:
+    team = Budget("research", None, 10.0, "day")
+    both = Budget("research", "digits", 10.0, "day")
+    project = Budget(None, "digits", 10.0, "day")
+    assert team.applies_to("research", "other")
+    assert not both.applies_to("research", "other")
+    assert both.applies_to("research", "digits")
+    assert project.applies_to("platform", "digits")
+    assert not team.applies_to("platform", "digits")
+
+
+@pytest.mark.parametrize("period, start, end, label", [
+    ("day", utc(2026, 12, 4), utc(2026, 12, 5), "2026-12-04"),
+    ("week", utc(2026, 11, 30), utc(2026, 12, 7), "2026-W49"),
+    ("month", utc(2026, 12, 1), utc(2027, 1, 1), "2026-12"),
+])
+def test_period_window_is_utc_calendar(period: str, start: float, end: float,
+                                       label: str) -> None:
+    assert period_window(period, utc(2026, 12, 4, 16, 30)) == (start, end, label)
+
+
+def test_period_window_total_and_scope_label() -> None:
+    assert period_window("total", utc(2026, 1, 1)) == (0.0, float("inf"), "total")
+    now = utc(2026, 2, 28, 23, 0)
+    assert Budget("a", "b", 1.0, "month").scope(now) == "team=a,project=b/month=2026-02"
+    assert Budget("a", None, 1.0, "total").scope(now) == "team=a/total"
+    assert period_window("month", now)[1] == utc(2026, 3, 1)
+
+
+def test_split_by_day_prorates_midnight() -> None:
+    parts = split_by_day(utc(2026, 12, 4, 23), utc(2026, 12, 5, 1), 2.0)
+    assert parts == [(utc(2026, 12, 4), 1.0), (utc(2026, 12, 5), 1.0)]
+
+
+def test_book_spend_per_period_and_scope() -> None:
+    book = BudgetBook()
+    book.add("research", "digits", utc(2026, 12, 4, 10), utc(2026, 12, 4, 11), 3.0)
+    book.add("research", "other", utc(2026, 12, 3, 23), utc(2026, 12, 4, 1), 4.0)
+    book.add("platform", "digits", utc(2026, 11, 20, 10), utc(2026, 11, 20, 11), 5.0)
+    now = utc(2026, 12, 4, 12)
+    assert book.spent(Budget("research", None, 10, "day"), now).spent_usd == 5.0
+    assert book.spent(Budget("research", None, 10, "month"), now).spent_usd == 7.0
+    assert book.spent(Budget(None, "digits", 10, "month"), now).spent_usd == 3.0
+    assert book.spent(Budget(None, "digits", 10, "total"), now).spent_usd == 8.0
+    live = [("research", "digits", 0.5), ("platform", "x", 9.0)]
+    status = book.spent(Budget("research", None, 10, "day"), now, live)
+    assert status.spent_usd == 5.5
+    assert status.left_usd == 4.5
+    assert status.scope == "team=research/day=2026-12-04"
+    assert book.total_usd() == 12.0
