@@ -151,11 +151,16 @@ def replay(
 @app.command()
 def supervise(
     tick_s: float = typer.Option(5.0, help="Seconds between reconcile passes."),
+    pacing_scale: float = typer.Option(
+        1.0, help="Multiplier of the client's per-endpoint request intervals; 0 turns pacing "
+        "off (only for the local emulator)."),
 ) -> None:
     """Run the supervisor for this journal until interrupted."""
     from gpujobs.cli_supervise import supervise_command
 
-    supervise_command(_settings().replace(tick_s=tick_s))
+    if pacing_scale < 0:
+        raise GpujobsError(f"--pacing-scale {pacing_scale} is negative; use 0 or more")
+    supervise_command(_settings().replace(tick_s=tick_s), pacing_scale=pacing_scale)
 
 
 @app.command()

@@ -146,23 +146,42 @@ class VastClient:
         return instance_id
 
     async def list_instances(self, *, label: str | None = None,
+                             filters: Mapping[str, Any] | None = None,
                              page_size: int = 25) -> list[Instance]:
-        """List the account's instances through ``/api/v1/instances/``, following next_token."""
-        filters = {"label": {"eq": label}} if label is not None else {}
+        """List the account's instances through ``/api/v1/instances/``, following next_token.
+
+        `filters` uses the stored columns the API can filter on (actual_status, label, id,
+        gpu_name), e.g. ``{"actual_status": {"neq": "running"}}``.
+        """
+        instances: list[Instance] = []
+        token: str | None = None
+        while True:
+            page, token = await self.list_instances_page(
+                label=label, filters=filters, page_size=page_size, after_token=token
+            )
+            instances.extend(page)
+            if not token:
+                return instances
+
+    async def list_instances_page(self, *, label: str | None = None,
+                                  filters: Mapping[str, Any] | None = None, page_size: int = 25,
+                                  after_token: str | None = None) -> tuple[list[Instance], str | None]:
+        """Fetch one page of the instance list; returns it and the token of the next page."""
+        query = dict(filters or {})
+        if label is not None:
+            query["label"] = {"eq": label}
         params = {
-            "select_filters": json.dumps(filters),
+            "select_filters": json.dumps(query),
             "order_by": json.dumps([{"col": "id", "dir": "asc"}]),
             "limit": str(max(1, min(page_size, 25))),
         }
-        instances: list[Instance] = []
-        while True:
-            payload = await self._call("GET", "/api/v1/instances/", params=params)
-            rows = (payload.get("instances") or []) if isinstance(payload, dict) else []
-            instances.extend(Instance.from_api(row) for row in rows if isinstance(row, Mapping))
-            token = payload.get("next_token") if isinstance(payload, dict) else None
-            if not token:
-                return instances
-            params["after_token"] = str(token)
+        if after_token:
+            params["after_token"] = str(after_token)
+        payload = await self._call("GET", "/api/v1/instances/", params=params)
+        rows = (payload.get("instances") or []) if isinstance(payload, dict) else []
+        page = [Instance.from_api(row) for row in rows if isinstance(row, Mapping)]
+        token = payload.get("next_token") if isinstance(payload, dict) else None
+        return page, (str(token) if token else None)
 
     async def show_instance(self, instance_id: int) -> Instance | None:
         """Return the instance, or None when it is destroyed or unknown."""

@@ -1,0 +1,114 @@
+"""Wrapper mode: `gpujobs-worker run -- CMD` syncs a child's checkpoint folders and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from tests.worker.processes import WorkerProcess, run_worker, worker_env
+from worker import protocol
+from worker.checkpoint_store import find_latest_checkpoint
+from worker.storage import LocalStorage
+from worker.wrapper import finished_steps, pack_folder, unpack_archive
+
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+
+folder = Path(os.environ["GPUJOBS_CHECKPOINT_DIR"])
+done = sorted(int(p.name[5:]) for p in folder.glob("step-*") if (p / ".done").exists())
+step = int((folder / f"step-{done[-1]}" / "count").read_text()) if done else 0
+print(f"child starting at step {step}", flush=True)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+
+def save(step):
+    target = folder / f"step-{step}"
+    target.mkdir(exist_ok=True)
+    (target / "count").write_text(str(step))
+    (target / ".done").touch()
+
+while step < 30:
+    time.sleep(0.05)
+    step += 1
+    if step % 5 == 0:
+        save(step)
+    if stop:
+        save(step)
+        print(f"child stopped at step {step}", flush=True)
+        sys.exit(0)
+print("child done", flush=True)
+"""
+
+
+def test_wrapper_syncs_and_resumes(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    command = ["run", "--", sys.executable, str(child)]
+
+    worker = WorkerProcess(command, worker_env(store, GPUJOBS_CHECKPOINT_DIR=str(tmp_path / "a")))
+    try:
+        worker.wait_for_line(r"checkpoint at step 5 durable")
+        worker.process.send_signal(signal.SIGTERM)
+        first_code = worker.wait(60)
+    finally:
+        worker.kill()
+    stopped = int(worker.wait_for_line(r"child stopped at step (\d+)").group(1))
+    ref = asyncio.run(find_latest_checkpoint(LocalStorage(store)))
+
+    assert first_code == protocol.EXIT_PREEMPTED, worker.output()
+    assert ref is not None
+    assert ref.step == stopped
+    assert ref.uri.endswith("payload.tar")
+
+    env = worker_env(store, attempt=2, GPUJOBS_CHECKPOINT_DIR=str(tmp_path / "b"))
+    resumed = run_worker(command, env)
+
+    assert resumed.process.returncode == protocol.EXIT_OK, resumed.output()
+    assert f"child starting at step {stopped}" in resumed.output()
+    assert (store / protocol.COMPLETION_MARKER).exists()
+    log = (store / protocol.attempt_log_key(2)).read_text()
+    assert "child done" in log
+    latest = asyncio.run(find_latest_checkpoint(LocalStorage(store)))
+    assert latest.step == 30
+
+
+def test_wrapper_reports_child_failure(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    command = ["run", "--", sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+
+    worker = run_worker(command, worker_env(store))
+
+    assert worker.process.returncode == protocol.EXIT_FAILED, worker.output()
+    assert "command exited with status 3" in worker.output()
+    assert not (store / protocol.COMPLETION_MARKER).exists()
+    assert "boom" in (store / protocol.attempt_log_key(1)).read_text()
+
+
+def test_wrapper_requires_command(tmp_path: Path) -> None:
+    worker = run_worker(["run", "--"], worker_env(tmp_path / "store"))
+
+    assert worker.process.returncode == protocol.EXIT_BAD_CONFIG
+    assert "missing command" in worker.output()
+
+
+def test_finished_steps_need_done_file(tmp_path: Path) -> None:
+    for name in ("step-5", "step-10", "step-7", "other"):
+        (tmp_path / name).mkdir()
+    for name in ("step-5", "step-10", "other"):
+        (tmp_path / name / ".done").touch()
+
+    assert finished_steps(tmp_path) == [5, 10]
+
+
+def test_pack_unpack_roundtrip(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    (source / "sub").mkdir(parents=True)
+    (source / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+
+    unpack_archive(pack_folder(source), tmp_path / "dst")
+
+    assert (tmp_path / "dst" / "sub" / "weights.bin").read_bytes() == b"\x00\x01"

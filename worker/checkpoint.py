@@ -1,0 +1,191 @@
+"""Checkpoint manager for training code: snapshot in memory, upload in the background.
+
+save() serializes the state at once, so training may change it right after save() returns.
+One upload runs at a time. A newer snapshot replaces a pending one whose upload has not begun.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from worker.background import BackgroundLoop
+from worker.checkpoint_store import load_latest_checkpoint, prune_checkpoints, write_checkpoint
+from worker.errors import BadCheckpoint, CheckpointTimeout
+from worker.protocol import PAYLOAD_NAME, CheckpointRef
+from worker.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEEP = 3
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A serialized state waiting for upload."""
+
+    step: int
+    payload: bytes
+    taken_at: float
+    payload_name: str = PAYLOAD_NAME
+
+
+class CheckpointManager:
+    """Saves and restores checkpoints under one job's storage prefix.
+
+    on_durable is called (on the background thread) with each CheckpointRef once its
+    manifest is stored.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        loop: BackgroundLoop,
+        *,
+        keep: int = DEFAULT_KEEP,
+        on_durable: Callable[[CheckpointRef], None] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.keep = max(keep, 1)
+        self._loop = loop
+        self._on_durable = on_durable
+        # Reentrant: a future that is already done runs its callback inside add_done_callback.
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight: concurrent.futures.Future[CheckpointRef] | None = None
+        self._pending: Snapshot | None = None
+        self._last_durable: CheckpointRef | None = None
+        self._last_error: BaseException | None = None
+        self.superseded_steps: list[int] = []
+        self.last_upload_s: float | None = None
+
+    @property
+    def last_durable(self) -> CheckpointRef | None:
+        with self._lock:
+            return self._last_durable
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """The error of the most recent failed upload, cleared by the next success."""
+        with self._lock:
+            return self._last_error
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        """Snapshot state now and upload it in the background."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self.save_payload(step, buffer.getvalue())
+
+    def save_payload(self, step: int, payload: bytes, payload_name: str = PAYLOAD_NAME) -> None:
+        """Upload already serialized bytes in the background, as save() does."""
+        snapshot = Snapshot(step, payload, time.monotonic(), payload_name)
+        with self._lock:
+            if self._in_flight is None:
+                self._start_upload(snapshot)
+                return
+            if self._pending is not None:
+                logger.info(
+                    "checkpoint at step %d superseded by step %d before its upload began",
+                    self._pending.step,
+                    step,
+                )
+                self.superseded_steps.append(self._pending.step)
+            self._pending = snapshot
+
+    def wait_durable(self, timeout_s: float | None = None) -> CheckpointRef | None:
+        """Wait until no upload is pending or in flight; return the newest durable checkpoint.
+
+        Raises CheckpointTimeout if uploads are still running after timeout_s.
+        """
+        with self._idle:
+            idle = self._idle.wait_for(
+                lambda: self._in_flight is None and self._pending is None, timeout_s
+            )
+            if not idle:
+                raise CheckpointTimeout(
+                    f"checkpoint upload to {self.storage.uri} not durable after {timeout_s} s"
+                )
+            return self._last_durable
+
+    def restore_latest(self, map_location: str | torch.device | None = None) -> tuple[
+        CheckpointRef, dict[str, Any]
+    ] | None:
+        """Load the latest valid checkpoint, or return None when there is none.
+
+        Raises BadCheckpoint when a checkpoint verifies but torch cannot load it.
+        """
+        found = self._loop.run(load_latest_checkpoint(self.storage))
+        if found is None:
+            return None
+        ref, payload = found
+        try:
+            state = torch.load(io.BytesIO(payload), weights_only=True, map_location=map_location)
+        except Exception as exc:
+            raise BadCheckpoint(
+                f"checkpoint at step {ref.step} ({ref.uri}) verifies but cannot be loaded: "
+                f"{exc}; delete it or fix the training code that reads it"
+            ) from exc
+        with self._lock:
+            self._last_durable = ref
+        return ref, state
+
+    def _start_upload(self, snapshot: Snapshot) -> None:
+        """Start uploading snapshot; the caller holds the lock."""
+        future = self._loop.submit(self._upload(snapshot))
+        self._in_flight = future
+        future.add_done_callback(lambda done: self._on_upload_done(snapshot, done))
+
+    async def _upload(self, snapshot: Snapshot) -> CheckpointRef:
+        started = time.monotonic()
+        ref = await write_checkpoint(
+            self.storage, snapshot.step, snapshot.payload, snapshot.payload_name
+        )
+        self.last_upload_s = time.monotonic() - started
+        logger.info(
+            "checkpoint at step %d durable at %s (%d bytes, %.2f s)",
+            ref.step,
+            ref.uri,
+            ref.size_bytes,
+            self.last_upload_s,
+        )
+        if self._on_durable is not None:
+            # Here rather than in the done callback, so the report does not wait for pruning.
+            try:
+                self._on_durable(ref)
+            except Exception:
+                logger.exception("checkpoint callback failed for step %d", ref.step)
+        try:
+            await prune_checkpoints(self.storage, ref.step, self.keep)
+        except Exception as exc:  # a failed cleanup must not undo a durable checkpoint
+            logger.warning("could not delete old checkpoints below step %d: %s", ref.step, exc)
+        return ref
+
+    def _on_upload_done(
+        self, snapshot: Snapshot, future: concurrent.futures.Future[CheckpointRef]
+    ) -> None:
+        cancelled = future.cancelled()
+        error = None if cancelled else future.exception()
+        with self._lock:
+            if cancelled:
+                self._last_error = CheckpointTimeout(f"upload of step {snapshot.step} cancelled")
+                self._pending = None  # the loop is shutting down
+            elif error is not None:
+                self._last_error = error
+                logger.error("checkpoint upload at step %d failed: %s", snapshot.step, error)
+            else:
+                self._last_durable = future.result()
+                self._last_error = None
+            self._in_flight = None
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                self._start_upload(pending)
+            else:
+                self._idle.notify_all()

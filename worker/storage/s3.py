@@ -1,0 +1,290 @@
+"""S3 backend over aioboto3, for AWS S3 and S3-compatible stores (MinIO, GCS, moto).
+
+Large objects go up as multipart uploads with parallel parts; a multipart upload that fails
+or is cancelled is aborted so that no orphaned parts keep costing storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from worker.storage.base import (
+    ObjectNotFound,
+    StorageAuthError,
+    StorageError,
+    StorageUnavailable,
+    validate_key,
+)
+
+logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+DEFAULT_PART_SIZE_BYTES = 8 * MIB
+DEFAULT_PARTS_IN_FLIGHT = 4
+_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+_AUTH_CODES = {
+    "AccessDenied",
+    "403",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "InvalidClientTokenId",
+}
+
+ReadPart = Callable[[int, int], Awaitable[bytes]]
+
+
+class S3Storage:
+    """Storage under s3://bucket/prefix; the client is created on first use."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        path_style: bool = False,
+        profile: str | None = None,
+        part_size_bytes: int = DEFAULT_PART_SIZE_BYTES,
+        parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
+        multipart_threshold_bytes: int | None = None,
+        page_size: int = 1000,
+        connect_timeout_s: float = 3.0,
+        read_timeout_s: float = 60.0,
+        max_attempts: int = 3,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.endpoint_url = endpoint_url
+        self.part_size_bytes = part_size_bytes
+        self.parts_in_flight = parts_in_flight
+        self.multipart_threshold_bytes = multipart_threshold_bytes or part_size_bytes
+        self.page_size = page_size
+        self._session = aioboto3.Session(profile_name=profile, region_name=region)
+        self._config = Config(
+            s3={"addressing_style": "path" if path_style else "auto"},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+        )
+        self._client_context: Any = None
+        self._client: Any = None
+
+    async def _get_client(self) -> Any:
+        if self._client is None:
+            context = self._session.client(
+                "s3", endpoint_url=self.endpoint_url, config=self._config
+            )
+            with self._translate_errors("connect to", ""):
+                self._client = await context.__aenter__()
+            self._client_context = context
+        return self._client
+
+    def _key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        if len(data) >= self.multipart_threshold_bytes:
+            view = memoryview(data)
+
+            async def read_part(offset: int, size: int) -> bytes:
+                return bytes(view[offset : offset + size])
+
+            await self._multipart_upload(key, len(data), read_part)
+            return
+        client = await self._get_client()
+        with self._translate_errors("put", key):
+            await client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    async def put_file(self, key: str, path: Path) -> None:
+        size = path.stat().st_size
+        if size < self.multipart_threshold_bytes:
+            await self.put_bytes(key, await asyncio.to_thread(path.read_bytes))
+            return
+
+        async def read_part(offset: int, length: int) -> bytes:
+            return await asyncio.to_thread(_read_range, path, offset, length)
+
+        await self._multipart_upload(key, size, read_part)
+
+    async def get_bytes(self, key: str) -> bytes:
+        client = await self._get_client()
+        with self._translate_errors("get", key):
+            response = await client.get_object(Bucket=self.bucket, Key=self._key(key))
+            async with response["Body"] as body:
+                return await body.read()
+
+    async def get_file(self, key: str, path: Path) -> None:
+        client = await self._get_client()
+        temp_path = path.with_name(f".partial-{path.name}")
+        try:
+            with self._translate_errors("get", key):
+                response = await client.get_object(Bucket=self.bucket, Key=self._key(key))
+                body = response["Body"]
+                try:
+                    with open(temp_path, "wb") as out:
+                        async for chunk in body.iter_chunks(MIB):
+                            out.write(chunk)
+                finally:
+                    body.close()
+            os.replace(temp_path, path)
+        finally:
+            temp_path.unlink(missing_ok=True)
+
+    async def exists(self, key: str) -> bool:
+        client = await self._get_client()
+        try:
+            with self._translate_errors("head", key):
+                await client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ObjectNotFound:
+            return False
+        return True
+
+    async def list(self, prefix: str = "") -> list[str]:
+        client = await self._get_client()
+        if prefix.strip("/"):
+            validate_key(prefix.strip("/"))
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        keys: list[str] = []
+        request = {"Bucket": self.bucket, "Prefix": full_prefix, "MaxKeys": self.page_size}
+        while True:
+            with self._translate_errors("list", prefix):
+                page = await client.list_objects_v2(**request)
+            keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                return sorted(keys)
+            request["ContinuationToken"] = page["NextContinuationToken"]
+
+    async def delete(self, key: str) -> None:
+        client = await self._get_client()
+        try:
+            with self._translate_errors("delete", key):
+                await client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except ObjectNotFound:
+            return
+
+    async def close(self) -> None:
+        if self._client_context is not None:
+            context, self._client_context, self._client = self._client_context, None, None
+            await context.__aexit__(None, None, None)
+
+    async def _multipart_upload(self, key: str, size: int, read_part: ReadPart) -> None:
+        client = await self._get_client()
+        full_key = self._key(key)
+        with self._translate_errors("start multipart upload of", key):
+            upload = await client.create_multipart_upload(Bucket=self.bucket, Key=full_key)
+        upload_id = upload["UploadId"]
+        try:
+            parts = await self._upload_parts(full_key, upload_id, size, read_part)
+            with self._translate_errors("complete multipart upload of", key):
+                await client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=full_key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException:
+            # Shielded so that a cancelled task still aborts before it unwinds.
+            await asyncio.shield(self._abort_multipart(key, full_key, upload_id))
+            raise
+
+    async def _upload_parts(
+        self, full_key: str, upload_id: str, size: int, read_part: ReadPart
+    ) -> list[dict[str, Any]]:
+        client = await self._get_client()
+        in_flight = asyncio.Semaphore(self.parts_in_flight)
+
+        async def upload_one(number: int, offset: int) -> dict[str, Any]:
+            async with in_flight:
+                data = await read_part(offset, min(self.part_size_bytes, size - offset))
+                with self._translate_errors(f"upload part {number} of", full_key):
+                    response = await client.upload_part(
+                        Bucket=self.bucket,
+                        Key=full_key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=data,
+                    )
+                return {"PartNumber": number, "ETag": response["ETag"]}
+
+        offsets = range(0, size, self.part_size_bytes)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(upload_one(n, o)) for n, o in enumerate(offsets, 1)]
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from group_error
+        return [task.result() for task in tasks]
+
+    async def _abort_multipart(self, key: str, full_key: str, upload_id: str) -> None:
+        client = await self._get_client()
+        try:
+            await client.abort_multipart_upload(
+                Bucket=self.bucket, Key=full_key, UploadId=upload_id
+            )
+            logger.warning("aborted multipart upload of %s/%s", self.uri, key)
+        except (BotoCoreError, ClientError) as exc:
+            logger.error(
+                "could not abort multipart upload %s of %s/%s: %s", upload_id, self.uri, key, exc
+            )
+
+    @contextlib.contextmanager
+    def _translate_errors(self, action: str, key: str) -> Iterator[None]:
+        """Turn botocore errors into StorageError subclasses; the one place that does so."""
+        where = f"{self.uri}/{key}" if key else self.uri
+        try:
+            yield
+        except ClientError as exc:
+            raise self._client_error(exc, action, where) from exc
+        except NoCredentialsError as exc:
+            raise StorageAuthError(
+                f"no credentials for {self.uri}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            ) from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(
+                f"cannot {action} {where} at {self.endpoint_url or 'the AWS endpoint'}: {exc}"
+            ) from exc
+
+    def _client_error(self, exc: ClientError, action: str, where: str) -> StorageError:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = error.get("Message", "")
+        if code == "NoSuchBucket":
+            return StorageUnavailable(
+                f"bucket {self.bucket!r} does not exist at "
+                f"{self.endpoint_url or 'AWS'}: create it or fix the artifact URI {self.uri}"
+            )
+        if code in _NOT_FOUND_CODES:
+            return ObjectNotFound(where)
+        if code in _AUTH_CODES:
+            return StorageAuthError(
+                f"access denied to {where} ({code}): check the credentials "
+                "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket policy"
+            )
+        return StorageError(f"S3 {action} {where} failed: {code} {message}".rstrip())
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as source:
+        source.seek(offset)
+        data = source.read(length)
+    if len(data) != length:
+        raise StorageError(
+            f"{path} changed size during upload: expected {length} bytes at offset {offset}"
+        )
+    return data

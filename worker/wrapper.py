@@ -1,0 +1,174 @@
+"""Wrapper mode: `gpujobs-worker run -- CMD ARGS` adds checkpoint sync to any training command.
+
+The child finds $GPUJOBS_CHECKPOINT_DIR (restored from the latest checkpoint when there is
+one). It writes a checkpoint as a folder <dir>/step-<N>/ and marks it finished by creating
+the empty file <dir>/step-<N>/.done last; the wrapper uploads each finished folder as a tar
+archive. Signals are forwarded to the child, whose output becomes the attempt's log.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from worker import protocol
+from worker.checkpoint_store import load_latest_checkpoint
+from worker.config import ENV_CHECKPOINT_DIR
+from worker.errors import BadCheckpoint, CheckpointTimeout
+from worker.protocol import CheckpointRef, CompletionMarker, ReportKind
+from worker.session import FINAL_UPLOAD_TIMEOUT_S, WorkerSession
+
+logger = logging.getLogger(__name__)
+
+DONE_MARKER = ".done"
+ARCHIVE_NAME = "payload.tar"
+ENV_RESUMED_FROM_STEP = "GPUJOBS_RESUMED_FROM_STEP"
+POLL_INTERVAL_S = 0.5
+_STEP_FOLDER = re.compile(r"^step-(\d+)$")
+
+
+def finished_steps(folder: Path) -> list[int]:
+    """Return the steps of checkpoint folders that have their .done file, ascending."""
+    steps = []
+    for child in folder.iterdir() if folder.is_dir() else []:
+        match = _STEP_FOLDER.match(child.name)
+        if match and (child / DONE_MARKER).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def pack_folder(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        archive.add(folder, arcname=".")
+    return buffer.getvalue()
+
+
+def unpack_archive(payload: bytes, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(payload), mode="r") as archive:
+        archive.extractall(target, filter="data")  # "data" rejects absolute paths and links out
+
+
+def run_wrapped(session: WorkerSession, command: list[str]) -> int:
+    """Run command under session; return the worker's exit code."""
+    config = session.config
+    marker = session.completion_marker()
+    if marker is not None:
+        return session.already_completed(marker)
+
+    folder = Path(config.checkpoint_dir or tempfile.mkdtemp(prefix="gpujobs-checkpoints-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        resumed = _restore_folder(session, folder)
+    except BadCheckpoint as exc:
+        return session.fail(str(exc), protocol.EXIT_BAD_CHECKPOINT)
+    uploaded = set(finished_steps(folder))
+    env = {**os.environ, ENV_CHECKPOINT_DIR: str(folder)}
+    if resumed is not None:
+        env[ENV_RESUMED_FROM_STEP] = str(resumed.step)
+
+    child = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    session.preemption.on_request = lambda signum: _forward(child, signum or signal.SIGTERM)
+    copier = threading.Thread(target=_copy_output, args=(child, session.capture), daemon=True)
+    copier.start()
+    session.started(resumed.step if resumed else 0, resumed)
+
+    while child.poll() is None:
+        _sync(session, folder, uploaded)
+        child_wait(child, POLL_INTERVAL_S)
+    copier.join(5)
+    _sync(session, folder, uploaded)
+    return _finish(session, child.returncode, max(uploaded, default=0))
+
+
+def child_wait(child: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        child.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _restore_folder(session: WorkerSession, folder: Path) -> CheckpointRef | None:
+    found = session.loop.run(load_latest_checkpoint(session.storage), timeout_s=300)
+    if found is None:
+        return None
+    ref, payload = found
+    target = folder / f"step-{ref.step}"
+    try:
+        unpack_archive(payload, target)
+    except (tarfile.TarError, OSError) as exc:
+        raise BadCheckpoint(
+            f"checkpoint at step {ref.step} ({ref.uri}) cannot be unpacked: {exc}"
+        ) from exc
+    (target / DONE_MARKER).touch()
+    session.reporter.update(step=ref.step)
+    logger.info("restored checkpoint at step %d into %s", ref.step, target)
+    return ref
+
+
+def _sync(session: WorkerSession, folder: Path, uploaded: set[int]) -> None:
+    for step in finished_steps(folder):
+        if step in uploaded:
+            continue
+        uploaded.add(step)
+        session.reporter.report(ReportKind.CHECKPOINT_STARTED, step=step, checkpointing_step=step)
+        session.checkpoints.save_payload(step, pack_folder(folder / f"step-{step}"), ARCHIVE_NAME)
+
+
+def _finish(session: WorkerSession, returncode: int, step: int) -> int:
+    """Report how the child ended; the completion marker is stored only after a clean exit."""
+    config = session.config
+    preemption = session.preemption
+    if preemption.stop_requested:
+        logger.warning("command stopped at step %d: %s", step, preemption.reason)
+        session.reporter.report(ReportKind.STOPPING, step=step)
+        try:
+            session.checkpoints.wait_durable(max(preemption.remaining_grace_s() - 1, 0.5))
+        except CheckpointTimeout:
+            logger.warning("last checkpoint of the command not durable within the grace period")
+        session.upload_attempt_files(max(preemption.remaining_grace_s(), 0.5))
+        session.reporter.flush(max(preemption.remaining_grace_s(), 0.5))
+        return protocol.EXIT_PREEMPTED
+    if returncode != 0:
+        return session.fail(f"command exited with status {returncode}")
+
+    session.checkpoints.wait_durable(FINAL_UPLOAD_TIMEOUT_S)
+    logger.info(
+        "job %s attempt %d: command finished at step %d", config.job_id, config.attempt, step
+    )
+    session.upload_attempt_files(FINAL_UPLOAD_TIMEOUT_S)
+    marker = CompletionMarker(config.job_id, config.attempt, step, time.time(), {})
+    session.loop.run(
+        session.storage.put_bytes(protocol.COMPLETION_MARKER, marker.to_json().encode()),
+        FINAL_UPLOAD_TIMEOUT_S,
+    )
+    session.reporter.report(ReportKind.COMPLETED, step=step)
+    session.reporter.flush(10)
+    return protocol.EXIT_OK
+
+
+def _forward(child: subprocess.Popen, signum: int) -> None:
+    if child.poll() is None:
+        child.send_signal(signum)
+
+
+def _copy_output(child: subprocess.Popen, capture) -> None:
+    assert child.stdout is not None
+    for line in child.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if capture is not None:
+            capture.add_line(line.rstrip("\n"))
