@@ -30,6 +30,7 @@ class Settings:
     public_report_url: str | None = None  # what workers use to reach the report endpoint
     report_mode: str = "http"  # "mailbox": workers leave reports in the artifact store
     lease_ttl_s: float = 30.0
+    sweep_pages_per_tick: int = 4  # pages of the full instance list fetched per tick
     cost_interval_s: float = 60.0
 
     @property

@@ -37,6 +37,7 @@ class Supervisor:
         self.report_url = ""
         self.ticks = 0
         self.taken_offer_ids: set[int] = set()  # never rent one offer for two jobs
+        self.instances = reconcile.InstanceTracker(settings.sweep_pages_per_tick)
         self.api_calls_last_tick = 0
         self._stopping = asyncio.Event()
 
@@ -96,7 +97,7 @@ class Supervisor:
         self.ticks += 1
         await self.lease.renew()
         await self.table.catch_up()
-        instances = await reconcile.list_instances(self)
+        instances = await self.instances.refresh(self)
         if instances is not None:
             await reconcile.reconcile(self, instances)
         if self.settings.report_mode == "mailbox":

@@ -117,12 +117,12 @@ async def _bid_too_low(sup: Supervisor, job_id: str, attempt: int, label: str, d
 
 async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, Any],
                           reason: str) -> None:
-    """Ask the API to destroy an attempt's instance; the next list confirms it is gone."""
-    runtime = sup.table.runtime_for(job_id)
-    now = time.time()
-    if now < runtime.destroy_retry_at or runtime.destroy_sent_at is not None:
-        return
+    """Ask the API to destroy an attempt's instance; a later list confirms it is gone."""
     attempt = int(attempt_row["attempt"])
+    state = sup.table.runtime_for(job_id).attempt(attempt)
+    now = time.time()
+    if now < state.destroy_retry_at or state.destroy_sent_at is not None:
+        return
     instance_id = attempt_row["instance_id"]
     if attempt_row["status"] != DESTROY_REQUESTED:
         if not await sup.append(job_id, [ev.InstanceDestroyRequested(attempt, instance_id, reason)]):
@@ -130,40 +130,39 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
     try:
         await sup.client.destroy_instance(instance_id)
     except vast_errors.InstanceNotFound:
-        await confirm_destroyed(sup, job_id, attempt, None)
+        state.destroy_sent_at = now
+        await confirm_destroyed(sup, job_id, attempt)
         return
     except vast_errors.VastError as exc:
-        runtime.destroy_failures += 1
-        delay_s = min(300.0, 2.0 ** runtime.destroy_failures)
-        runtime.destroy_retry_at = now + delay_s
+        state.destroy_failures += 1
+        delay_s = min(300.0, 2.0 ** state.destroy_failures)
+        state.destroy_retry_at = now + delay_s
         log.warning("job %s attempt %d: destroy of instance %s failed (try %d), retrying in %.0f s:"
-                    " %s", job_id, attempt, instance_id, runtime.destroy_failures, delay_s, exc)
-        if runtime.destroy_failures in (1, 5, 20):
+                    " %s", job_id, attempt, instance_id, state.destroy_failures, delay_s, exc)
+        if state.destroy_failures in (1, 5, 20):
             await sup.append(job_id, [
                 ev.InstanceDestroyFailed(attempt, instance_id, str(exc), delay_s)
             ])
         return
-    runtime.destroy_sent_at = now
+    state.destroy_sent_at = now
 
 
-async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int,
-                            instance: Instance | None) -> None:
+async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int) -> None:
     """Record the destroy (and the last cost) once the API no longer shows the instance."""
     row = sup.table.attempt_row(job_id, attempt)
     if row is None or row["status"] not in (CREATED, DESTROY_REQUESTED):
         return
     runtime = sup.table.runtime_for(job_id)
+    state = runtime.attempt(attempt)
     events: list[ev.JobEvent] = []
     # Billing ends when the DELETE was accepted, not when a later list confirmed it.
-    cost = cost_event(sup, job_id, row, runtime.destroy_sent_at or time.time())
+    cost = cost_event(sup, job_id, row, state.destroy_sent_at or time.time())
     if cost is not None:
         events.append(cost)
     events.append(ev.InstanceDestroyed(attempt, row["instance_id"]))
     if await sup.append(job_id, events):
-        runtime.destroy_sent_at = None
-        runtime.destroy_failures = 0
-        runtime.missing_lists = 0
-        runtime.rate_class = None
+        runtime.attempts.pop(attempt, None)
+        sup.instances.forget((job_id, attempt))
 
 
 def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any],
@@ -172,8 +171,8 @@ def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any],
     start = row["billed_through"] or row["created_at"]
     if start is None or now <= start:
         return None
-    runtime = sup.table.runtime_for(job_id)
-    dph = runtime.storage_dph if runtime.rate_class == "storage" else float(row["dph_total"] or 0.0)
+    state = sup.table.runtime_for(job_id).attempt(int(row["attempt"]))
+    dph = state.storage_dph if state.rate_class == "storage" else float(row["dph_total"] or 0.0)
     billed_s = (now - start) * sup.billing_time_scale
     amount = dph * billed_s / 3600.0
     return ev.CostAccrued(int(row["attempt"]), int(row["instance_id"]), amount, billed_s, dph, now)

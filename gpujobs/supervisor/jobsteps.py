@@ -21,7 +21,7 @@ from gpujobs.vast.records import Instance, Offer
 
 if TYPE_CHECKING:
     from gpujobs.supervisor.core import Supervisor
-    from gpujobs.supervisor.reconcile import InstanceMap
+    from gpujobs.supervisor.reconcile import InstanceView
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,14 @@ def ordered_jobs(table: JobTable) -> list[str]:
     return [row["job_id"] for row in live]
 
 
-async def step_job(sup: Supervisor, job_id: str, found: InstanceMap | None,
+async def step_job(sup: Supervisor, job_id: str, found: InstanceView | None,
                    offers_cache: dict[str, list[Offer]]) -> None:
     job = sup.table.jobs[job_id]
     state = JobState(job["state"])
     instance = None if found is None else found.get((job_id, int(job["attempt"])))
     await _accrue(sup, job_id, instance)
+    if found is not None:
+        await _destroy_superseded(sup, job_id)
     if state.is_terminal:
         await _clean_up(sup, job_id, found)
     elif job["cancel_requested"]:
@@ -68,28 +70,39 @@ async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None) -> No
     row = sup.table.attempt_row(job_id)
     if row is None or row["status"] not in (CREATED, DESTROY_REQUESTED) or instance is None:
         return
-    runtime = sup.table.runtime_for(job_id)
+    state = sup.table.runtime_for(job_id).attempt(int(row["attempt"]))
     seen = inst.rate_class(instance)
-    runtime.storage_dph = inst.storage_dph(instance)
-    if runtime.rate_class is None:
-        runtime.rate_class = seen
+    state.storage_dph = inst.storage_dph(instance)
+    if instance.status_msg != state.status_msg:
+        state.status_msg = instance.status_msg
+        state.status_changed_at = time.time()
+    if state.rate_class is None:
+        state.rate_class = seen
         return
     now = time.time()
     due = now - (row["billed_through"] or now) >= sup.settings.cost_interval_s
-    if seen != runtime.rate_class or due:
+    if seen != state.rate_class or due:
         cost = inst.cost_event(sup, job_id, row, now)
-        runtime.rate_class = seen
+        state.rate_class = seen
         if cost is not None:
             await sup.append(job_id, [cost])
 
 
-async def _clean_up(sup: Supervisor, job_id: str, found: InstanceMap | None) -> None:
+async def _destroy_superseded(sup: Supervisor, job_id: str) -> None:
+    """Destroy live instances of attempts that are no longer the job's current one."""
+    current = int(sup.table.jobs[job_id]["attempt"])
+    for row in sup.table.live_attempts(job_id):
+        if int(row["attempt"]) != current and row["status"] in (CREATED, DESTROY_REQUESTED):
+            await inst.request_destroy(sup, job_id, row, "superseded by a newer attempt")
+
+
+async def _clean_up(sup: Supervisor, job_id: str, found: InstanceView | None) -> None:
     for row in sup.table.live_attempts(job_id):
         if row["status"] in (CREATED, DESTROY_REQUESTED) and found is not None:
             await inst.request_destroy(sup, job_id, row, f"job {sup.table.jobs[job_id]['state']}")
 
 
-async def _cancel(sup: Supervisor, job_id: str, found: InstanceMap | None) -> None:
+async def _cancel(sup: Supervisor, job_id: str, found: InstanceView | None) -> None:
     """Cancel: append the terminal event; cleanup then destroys every instance of the job."""
     job = sup.table.jobs[job_id]
     await sup.append(job_id, [ev.JobCancelled("cancelled by user", int(job["attempt"]))])
@@ -110,7 +123,7 @@ async def request_stop(sup: Supervisor, job_id: str, reason: str) -> None:
 
 
 async def _stop(sup: Supervisor, job_id: str, instance: Instance | None,
-                found: InstanceMap | None) -> None:
+                found: InstanceView | None) -> None:
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
     row = sup.table.attempt_row(job_id)
@@ -133,7 +146,7 @@ async def _stop(sup: Supervisor, job_id: str, instance: Instance | None,
 
 
 async def _ensure_no_live_instance(sup: Supervisor, job_id: str,
-                                   found: InstanceMap | None) -> bool:
+                                   found: InstanceView | None) -> bool:
     """Destroy leftovers first: at most one live instance per job, ever."""
     live = sup.table.live_attempts(job_id)
     for row in live:
@@ -237,7 +250,7 @@ def _failed_hosts(sup: Supervisor, job_id: str) -> set[int]:
 
 
 async def _watch_provisioning(sup: Supervisor, job_id: str, instance: Instance | None,
-                              found: InstanceMap | None) -> None:
+                              found: InstanceView | None) -> None:
     job = sup.table.jobs[job_id]
     row = sup.table.attempt_row(job_id)
     attempt = int(job["attempt"])
@@ -253,9 +266,15 @@ async def _watch_provisioning(sup: Supervisor, job_id: str, instance: Instance |
     if instance.actual_status in LOST_STATUSES or instance.is_outbid:
         await _lost_before_start(sup, job_id, row, instance)
         return
-    loading_s = time.time() - float(row["created_at"] or time.time())
-    if instance.actual_status != "running" and loading_s > profile.loading_timeout_s:
-        await _lost_before_start(sup, job_id, row, instance, reason="loading timed out")
+    # A slow image pull that still changes its status message is progressing: the timeout
+    # counts from the last change, not from the create.
+    state = sup.table.runtime_for(job_id).attempt(attempt)
+    quiet_s = time.time() - max(float(row["created_at"] or 0.0), state.status_changed_at)
+    if instance.actual_status != "running" and quiet_s > profile.loading_timeout_s:
+        await _lost_before_start(
+            sup, job_id, row, instance,
+            reason=f"loading timed out: no progress for {quiet_s:.0f} s ({instance.status_msg})",
+        )
 
 
 async def _lost_before_start(sup: Supervisor, job_id: str, row: dict[str, Any],
@@ -274,11 +293,11 @@ async def _lost_before_start(sup: Supervisor, job_id: str, row: dict[str, Any],
 
 
 async def _watch_running(sup: Supervisor, job_id: str, instance: Instance | None,
-                         found: InstanceMap | None) -> None:
+                         found: InstanceView | None) -> None:
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
     now = time.time()
-    if found is not None:
+    if found is not None and (instance is not None or found.complete):
         lost = _loss_reason(instance)
         if lost is not None:
             await _preemption(sup, job_id, instance, lost)
@@ -325,7 +344,7 @@ async def _preemption(sup: Supervisor, job_id: str, instance: Instance | None,
 
 
 async def _recover(sup: Supervisor, job_id: str, instance: Instance | None,
-                   found: InstanceMap | None, offers_cache: dict[str, list[Offer]]) -> None:
+                   found: InstanceView | None, offers_cache: dict[str, list[Offer]]) -> None:
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
     row = sup.table.attempt_row(job_id)

@@ -1,18 +1,26 @@
-"""Match the API's instance list to the journal by label, once per tick.
+"""Match the API's instance list to the journal by label.
 
-One paged list call per tick, whatever the number of jobs: every per-job decision after it
-reads the dict built here. Instances with our label prefix are adopted (an intent without an
-outcome), confirmed gone (a destroy that went through), or destroyed (no live attempt owns them).
+The number of API calls per tick does not grow with the number of healthy jobs:
+
+- every tick lists only the instances that are not running (`actual_status != running`):
+  loading, stopped, exited or offline machines, the only ones that need a decision;
+- a full sweep of the paged list advances a few pages per tick and, once it reaches the last
+  page, replaces what the supervisor knows. Only a finished sweep may conclude that an
+  instance is gone, and only after two sweeps in a row missed it.
+
+Instances with our label prefix are adopted (an intent without an outcome), confirmed gone (a
+destroy that went through), or destroyed (no live attempt owns them).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from gpujobs import events as ev
-from gpujobs.projections import CREATED, DESTROY_REQUESTED, REQUESTED, parse_label
+from gpujobs.projections import CREATE_FAILED, DESTROYED, REQUESTED, parse_label
 from gpujobs.supervisor import instances as inst
 from gpujobs.vast import errors as vast_errors
 from gpujobs.vast.records import Instance
@@ -22,43 +30,101 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-InstanceMap = dict[tuple[str, int], Instance]
+Key = tuple[str, int]
+NOT_RUNNING = {"actual_status": {"neq": "running"}}
 
 
-async def list_instances(sup: Supervisor) -> InstanceMap | None:
-    """Return our instances keyed by (job, attempt), or None if the list failed this tick."""
-    try:
-        listed = await sup.client.list_instances()
-    except vast_errors.VastError as exc:
-        log.warning("instance list failed; skipping reconcile this tick: %s", exc)
-        return None
-    found: InstanceMap = {}
-    for instance in listed:
+@dataclass
+class InstanceView:
+    """What one tick knows about our instances: fresh data overlaid on the last full sweep."""
+
+    known: dict[Key, Instance] = field(default_factory=dict)
+    complete: bool = False  # a sweep finished this tick: absence from `known` means gone
+    fresh: dict[Key, Instance] = field(default_factory=dict)  # listed during this tick
+
+    def get(self, key: Key) -> Instance | None:
+        return self.known.get(key)
+
+
+class InstanceTracker:
+    """Keeps the sweep's position and the instances seen, across ticks."""
+
+    def __init__(self, pages_per_tick: int) -> None:
+        self.pages_per_tick = pages_per_tick
+        self.known: dict[Key, Instance] = {}
+        self._sweep: dict[Key, Instance] = {}
+        self._token: str | None = None
+        self.sweeps_completed = 0
+        self.calls_last_tick = 0
+
+    def forget(self, key: Key) -> None:
+        self.known.pop(key, None)
+        self._sweep.pop(key, None)
+
+    async def refresh(self, sup: Supervisor) -> InstanceView | None:
+        """List what this tick may; None if the API failed (no decision rests on a failed list)."""
+        self.calls_last_tick = 0
+        try:
+            troubled = await self._list_troubled(sup)
+            complete = await self._advance_sweep(sup)
+        except vast_errors.VastError as exc:
+            log.warning("instance list failed; skipping reconcile this tick: %s", exc)
+            return None
+        view = InstanceView(complete=complete)
+        if complete:
+            self.known = self._sweep
+            self._sweep = {}
+            self.sweeps_completed += 1
+        for key, instance in troubled.items():
+            self.known[key] = instance
+        view.known = self.known
+        view.fresh = troubled
+        return view
+
+    async def _list_troubled(self, sup: Supervisor) -> dict[Key, Instance]:
+        found: dict[Key, Instance] = {}
+        token: str | None = None
+        while True:
+            page, token = await sup.client.list_instances_page(filters=NOT_RUNNING,
+                                                               after_token=token)
+            self.calls_last_tick += 1
+            _index(page, found)
+            if not token:
+                return found
+
+    async def _advance_sweep(self, sup: Supervisor) -> bool:
+        for _ in range(self.pages_per_tick):
+            page, self._token = await sup.client.list_instances_page(after_token=self._token)
+            self.calls_last_tick += 1
+            _index(page, self._sweep)
+            if not self._token:
+                return True
+        return False
+
+
+def _index(page: list[Instance], into: dict[Key, Instance]) -> None:
+    for instance in page:
         key = parse_label(instance.label)
         if key is not None:
-            found[key] = instance
-    return found
+            into[key] = instance
 
 
-async def reconcile(sup: Supervisor, found: InstanceMap) -> None:
+async def reconcile(sup: Supervisor, view: InstanceView) -> None:
     table = sup.table
-    for (job_id, attempt), instance in found.items():
+    checked = view.known if view.complete else view.fresh
+    for (job_id, attempt), instance in list(checked.items()):
         job = table.jobs.get(job_id)
-        if job is None:
-            await _destroy_unknown(sup, job_id, attempt, instance)
+        row = None if job is None else table.attempt_row(job_id, attempt)
+        if row is None or row["status"] == DESTROYED:
+            await _destroy_stray(sup, instance)
             continue
-        row = table.attempt_row(job_id, attempt)
-        if row is None:
-            await _destroy_unknown(sup, job_id, attempt, instance)
-            continue
-        if row["status"] == REQUESTED:
+        if row["status"] in (REQUESTED, CREATE_FAILED):
+            # An intent without an outcome, or one the journal gave up on: the machine
+            # exists, so record it; the job's steps then keep or destroy it.
             async with table.runtime_for(job_id).lock:
                 await _adopt(sup, job_id, attempt, instance)
-        elif row["status"] not in (CREATED, DESTROY_REQUESTED):
-            # The journal gave this attempt up, but the machine exists: own it, then destroy it.
-            async with table.runtime_for(job_id).lock:
-                await _adopt(sup, job_id, attempt, instance)
-    await _settle_missing(sup, found)
+    if view.complete:
+        await _settle_missing(sup, view)
 
 
 async def _adopt(sup: Supervisor, job_id: str, attempt: int, instance: Instance) -> None:
@@ -70,28 +136,29 @@ async def _adopt(sup: Supervisor, job_id: str, attempt: int, instance: Instance)
     ])
 
 
-async def _destroy_unknown(sup: Supervisor, job_id: str, attempt: int, instance: Instance) -> None:
-    # NOTE: a label with our prefix but no job in this journal is taken as a leak of ours, so
-    # two journals must not share one Vast.ai account.
-    log.warning("instance %d has label %r but no such attempt in the journal; destroying it",
+async def _destroy_stray(sup: Supervisor, instance: Instance) -> None:
+    # NOTE: a label with our prefix but no live attempt in this journal is taken as a leak of
+    # ours, so two journals must not share one Vast.ai account.
+    log.warning("instance %d has label %r but no live attempt in the journal; destroying it",
                 instance.id, instance.label)
     try:
         await sup.client.destroy_instance(instance.id)
     except vast_errors.InstanceNotFound:
         pass
     except vast_errors.VastError as exc:
-        log.warning("destroy of unknown instance %d failed; will retry: %s", instance.id, exc)
+        log.warning("destroy of stray instance %d failed; will retry: %s", instance.id, exc)
 
 
-async def _settle_missing(sup: Supervisor, found: InstanceMap) -> None:
-    """Attempts the journal thinks are alive but the list no longer shows."""
+async def _settle_missing(sup: Supervisor, view: InstanceView) -> None:
+    """Attempts the journal thinks are alive but a finished sweep did not show."""
     table = sup.table
     now = time.time()
     for job_id in list(table.jobs):
         for row in table.live_attempts(job_id):
-            key = (job_id, int(row["attempt"]))
-            if key in found:
-                table.runtime_for(job_id).missing_lists = 0
+            attempt = int(row["attempt"])
+            state = table.runtime_for(job_id).attempt(attempt)
+            if (job_id, attempt) in view.known:
+                state.missing_lists = 0
                 continue
             async with table.runtime_for(job_id).lock:
                 await _settle_one(sup, job_id, row, now)
@@ -108,10 +175,10 @@ async def _settle_one(sup: Supervisor, job_id: str, row: dict, now: float) -> No
                                     "no instance with this attempt's label appeared"),
         ])
         return
-    # Created or being destroyed, and no longer listed. One missing listing is enough after a
+    # Created or being destroyed, and no longer listed. One missing sweep is enough after a
     # DELETE went through; otherwise wait for a second one, in case a page shifted under us.
-    runtime = sup.table.runtime_for(job_id)
-    runtime.missing_lists += 1
-    if runtime.destroy_sent_at is None and runtime.missing_lists < 2:
+    state = sup.table.runtime_for(job_id).attempt(attempt)
+    state.missing_lists += 1
+    if state.destroy_sent_at is None and state.missing_lists < 2:
         return
-    await inst.confirm_destroyed(sup, job_id, attempt, None)
+    await inst.confirm_destroyed(sup, job_id, attempt)

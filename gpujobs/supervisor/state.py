@@ -25,6 +25,20 @@ transitions_log = logging.getLogger("gpujobs.transitions")
 
 
 @dataclass
+class AttemptRuntime:
+    """What the supervisor tracks about one attempt's instance between ticks."""
+
+    destroy_sent_at: float | None = None  # DELETE accepted; absence from a later list confirms it
+    destroy_retry_at: float = 0.0
+    destroy_failures: int = 0
+    missing_lists: int = 0  # consecutive complete lists that did not show the instance
+    rate_class: str | None = None  # "gpu" or "storage": what the instance was last billed at
+    storage_dph: float = 0.0
+    status_msg: str | None = None  # last status message seen, to tell a slow load from a stuck one
+    status_changed_at: float = field(default_factory=time.time)
+
+
+@dataclass
 class JobRuntime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_report: Report | None = None
@@ -36,13 +50,11 @@ class JobRuntime:
     preempted_at: float | None = None
     backoff_until: float = 0.0
     wait_reason: str | None = None
-    destroy_sent_at: float | None = None  # DELETE accepted; absence from a later list confirms it
-    destroy_retry_at: float = 0.0
-    destroy_failures: int = 0
     mailbox_sent_at: float = 0.0  # sent_at of the last mailbox report handled
-    missing_lists: int = 0  # consecutive instance lists that did not show the live attempt
-    rate_class: str | None = None  # "gpu" or "storage": what the instance was last billed at
-    storage_dph: float = 0.0
+    attempts: dict[int, AttemptRuntime] = field(default_factory=dict)
+
+    def attempt(self, number: int) -> AttemptRuntime:
+        return self.attempts.setdefault(int(number), AttemptRuntime())
 
 
 class JobTable:

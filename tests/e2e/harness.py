@@ -16,6 +16,9 @@ from gpujobs.settings import Settings, load_settings
 from gpujobs.states import JobState
 from gpujobs.supervisor.core import Supervisor
 from gpujobs.vast.client import VastClient
+from gpujobs.vast.transport import DEFAULT_MIN_INTERVAL_S
+
+NO_PACING = {endpoint: 0.0 for endpoint in DEFAULT_MIN_INTERVAL_S}
 
 
 class Stack:
@@ -73,9 +76,10 @@ async def live_stack(home: Path, *, faults: FaultPlan | None = None, time_scale:
     changes.update(settings_changes)
     settings = load_settings(home=home).replace(**changes)
     emulator = Emulator(seed=3, loading_s=loading_s, workdir=home / "emulator", faults=faults,
-                        time_scale=time_scale)
+                        time_scale=time_scale, rate_limits=False)
     url = await emulator.start()
-    client = VastClient(api_key=emulator.api_key, base_url=url, min_interval_s={})
+    client = VastClient(api_key=emulator.api_key, base_url=url, min_interval_s=NO_PACING,
+                        backoff_base_s=0.01, backoff_cap_s=0.2)
     supervisor = Supervisor(settings, client, billing_time_scale=time_scale,
                             intent_timeout_s=5.0)
     stack = Stack(settings, emulator, client, supervisor)
