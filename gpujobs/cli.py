@@ -116,9 +116,10 @@ def status(
     table = Table("job", "state", "attempt", "profile", "team/project", "step", "checkpoint",
                   "preemptions", "cost $", "reason")
     for j in jobs:
-        table.add_row(j.job_id, j.state, str(j.attempt), j.profile, f"{j.team}/{j.project}",
+        state = j.state if j.queue_position is None else f"{j.state} #{j.queue_position}"
+        table.add_row(j.job_id, state, str(j.attempt), j.profile, f"{j.team}/{j.project}",
                       f"{j.step}/{j.total_steps}", str(j.last_checkpoint_step or "-"),
-                      str(j.preemptions), f"{j.cost_usd:.4f}", j.reason or "")
+                      str(j.preemptions), f"{j.cost_usd:.4f}", j.wait_reason or j.reason or "")
     out.print(table)
 
 

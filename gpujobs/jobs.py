@@ -5,8 +5,10 @@ These write to the journal from any process; only the supervisor acts on them.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from gpujobs.profiles import Profile, get_profile, load_profiles
 from gpujobs.projections import JOB_COLUMNS, JobsProjection, decode_row
 from gpujobs.settings import Settings
 from gpujobs.states import JobState
+from gpujobs.supervisor.queue import read_queue
 
 
 async def open_journal(settings: Settings) -> EventStore:
@@ -105,6 +108,8 @@ class JobStatus:
     cost_usd: float
     reason: str | None
     instance_id: int | None
+    queue_position: int | None = None  # among waiting jobs, as the supervisor last ordered them
+    wait_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -122,16 +127,28 @@ async def list_jobs(settings: Settings, job_id: str | None = None) -> list[JobSt
             rows = [decode_row(JOB_COLUMNS, tuple(r)) for r in raw]
     finally:
         await store.close()
-    return [_status(row) for row in rows]
+    waiting = await asyncio.to_thread(_read_queue, settings.journal_path)
+    return [_status(row, waiting.get(row["job_id"])) for row in rows]
 
 
-def _status(row: dict[str, Any]) -> JobStatus:
+def _read_queue(path: Path) -> dict[str, tuple[int, str | None]]:
+    conn = sqlite3.connect(path, timeout=30.0)
+    try:
+        return read_queue(conn)
+    finally:
+        conn.close()
+
+
+def _status(row: dict[str, Any], waiting: tuple[int, str | None] | None) -> JobStatus:
+    queued = row["state"] == JobState.QUEUED.value and waiting is not None
     return JobStatus(
         job_id=row["job_id"], name=row["name"], state=row["state"], attempt=int(row["attempt"]),
         profile=row["profile_name"], team=row["team"], project=row["project"],
         step=int(row["step"] or 0), total_steps=int(row["spec"].get("total_steps", 0)),
         last_checkpoint_step=row["last_checkpoint_step"], preemptions=int(row["preemptions"]),
         cost_usd=float(row["cost_usd"]), reason=row["reason"], instance_id=row["instance_id"],
+        queue_position=waiting[0] if queued and waiting else None,
+        wait_reason=waiting[1] if queued and waiting else None,
     )
 
 

@@ -44,6 +44,9 @@ class Settings:
     def profile_files(self) -> list[Path]:
         return [d / "gpu_profiles.yaml" for d in self.config_dirs if (d / "gpu_profiles.yaml").exists()]
 
+    def limit_files(self) -> list[Path]:
+        return [d / "limits.yaml" for d in self.config_dirs if (d / "limits.yaml").exists()]
+
     def budget_files(self) -> list[Path]:
         return [d / "budgets.yaml" for d in self.config_dirs if (d / "budgets.yaml").exists()]
 

@@ -12,7 +12,8 @@ from journal import EventStore, VersionConflict
 from gpujobs import events as ev
 from gpujobs.projections import JobsProjection
 from gpujobs.settings import Settings
-from gpujobs.supervisor import jobsteps, mailbox, reconcile
+from gpujobs.limits import load_limits
+from gpujobs.supervisor import jobsteps, mailbox, queue, reconcile
 from gpujobs.supervisor.lease import SupervisorLease
 from gpujobs.supervisor.reports import ReportServer, TokenIssuer
 from gpujobs.supervisor.state import JobTable
@@ -38,6 +39,9 @@ class Supervisor:
         self.ticks = 0
         self.taken_offer_ids: set[int] = set()  # never rent one offer for two jobs
         self.instances = reconcile.InstanceTracker(settings.sweep_pages_per_tick)
+        self.limits = load_limits(settings.limit_files())
+        self.live_counts = queue.LiveCounts()
+        self.queue = queue.QueuePublisher(settings.journal_path)
         self.api_calls_last_tick = 0
         self._stopping = asyncio.Event()
 
@@ -103,9 +107,12 @@ class Supervisor:
         if self.settings.report_mode == "mailbox":
             await mailbox.poll_mailboxes(self)
         offers_cache: dict[str, list] = {}
-        for job_id in jobsteps.ordered_jobs(self.table):
+        self.live_counts = queue.LiveCounts.count(self)
+        ordered = jobsteps.ordered_jobs(self.table)
+        for job_id in ordered:
             async with self.table.runtime_for(job_id).lock:
                 await jobsteps.step_job(self, job_id, instances, offers_cache)
+        await self.queue.publish(queue.waiting_jobs(self, ordered))
 
     async def append(self, job_id: str, events: Sequence[ev.JobEvent]) -> bool:
         """Append events at the job's known version; False (and caught up) on a conflict."""

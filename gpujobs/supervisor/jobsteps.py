@@ -160,6 +160,8 @@ async def _ensure_no_live_instance(sup: Supervisor, job_id: str,
 async def _provision(sup: Supervisor, job_id: str, offers_cache: dict[str, list[Offer]]) -> None:
     runtime = sup.table.runtime_for(job_id)
     if time.time() < runtime.backoff_until:
+        if runtime.wait_reason is None:
+            runtime.wait_reason = f"backoff after: {sup.table.jobs[job_id]['reason']}"
         return
     if not await _ensure_no_live_instance(sup, job_id, None):
         return
@@ -189,6 +191,10 @@ async def _provision_next(sup: Supervisor, job_id: str,
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
     profile = Profile.from_dict(job["profile"])
+    blocked = sup.limits.blocked(job["team"], sup.live_counts.total, sup.live_counts.by_team)
+    if blocked is not None:
+        runtime.wait_reason = blocked
+        return
     offers = await _search(sup, profile, offers_cache)
     if offers is None:
         runtime.backoff_until = time.time() + 10.0
@@ -203,6 +209,7 @@ async def _provision_next(sup: Supervisor, job_id: str,
         return
     choice = ranked[0]
     sup.taken_offer_ids.add(choice.offer.id)
+    sup.live_counts.add(job["team"])
     runtime.wait_reason = None
     await inst.create_instance(sup, job_id, choice)
 

@@ -109,7 +109,10 @@ class JobTable:
         before = job["state"] if job else None
         job = fold_job(job, event)
         self.jobs[event.stream] = job
-        self.runtime.setdefault(event.stream, JobRuntime())
+        runtime = self.runtime.setdefault(event.stream, JobRuntime())
+        if event.type == "ProvisioningFailed":
+            retry_at = event.recorded_at + float(event.data.get("retry_after_s") or 0.0)
+            runtime.backoff_until = max(runtime.backoff_until, retry_at)
         self._fold_attempt(event)
         if before is not None and before != job["state"]:
             transitions_log.info(
