@@ -25,7 +25,9 @@ from gpujobs.replay import replay_job
 from gpujobs.settings import Settings, load_settings
 from gpujobs.states import JobState
 from gpujobs.supervisor.core import Supervisor
+from gpujobs.emulator.ratelimit import DEFAULT_THRESHOLDS_S
 from gpujobs.vast.client import VastClient
+from gpujobs.vast.transport import DEFAULT_MIN_INTERVAL_S
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class DemoOptions:
     grace_period_s: float = 5.0
     timeout_s: float = 600.0
     seed: int = 7
+    rate_limit_scale: float = 0.1  # the emulator's rate limits, as a share of the real ones
 
 
 def demo_home(requested: Path | None) -> Path:
@@ -53,7 +56,7 @@ def demo_home(requested: Path | None) -> Path:
 
 def demo_settings(home: Path) -> Settings:
     return load_settings(home=home).replace(
-        tick_s=0.5, heartbeat_timeout_s=20.0, unreachable_grace_s=20.0, cost_interval_s=5.0,
+        tick_s=0.25, heartbeat_timeout_s=20.0, unreachable_grace_s=20.0, cost_interval_s=5.0,
         report_port=0,
     )
 
@@ -63,10 +66,16 @@ async def run_demo(options: DemoOptions, say: Callable[[str], None]) -> dict[str
     home.mkdir(parents=True, exist_ok=True)
     settings = demo_settings(home)
     say(f"gpujobs demo: state in {home}")
-    emulator = Emulator(seed=options.seed, loading_s=1.0, workdir=home / "emulator")
+    # The emulator enforces Vast.ai's per-endpoint rate limits, scaled down so the demo's
+    # supervisor can tick twice a second; the client paces itself to the same limits.
+    limits = {name: value * options.rate_limit_scale for name, value in DEFAULT_THRESHOLDS_S.items()}
+    emulator = Emulator(seed=options.seed, loading_s=1.0, workdir=home / "emulator",
+                        rate_limits=limits)
     url = await emulator.start()
     say(f"Vast.ai emulator listening on {url}")
-    client = VastClient(api_key=emulator.api_key, base_url=url, min_interval_s={})
+    pacing = {name: value * options.rate_limit_scale
+              for name, value in DEFAULT_MIN_INTERVAL_S.items()}
+    client = VastClient(api_key=emulator.api_key, base_url=url, min_interval_s=pacing)
     supervisor = Supervisor(settings, client, intent_timeout_s=15.0)
     try:
         await supervisor.start()

@@ -5,10 +5,10 @@ appended since the last one), so each tick costs O(jobs) and no API call. Spend 
 journal's CostAccrued amounts plus an estimate of what live instances have run up since they
 were last billed: dph x time since billed_through x the billing time scale.
 
-Enforcement stops a scope's jobs before the limit, once the spend plus what the scope's live
-instances burn during one stop (the grace period to checkpoint, the destroy, two ticks) would
-reach it; what still overshoots the limit is the error of that estimate, at most about one
-tick of billing.
+Enforcement stops a scope's jobs before the limit: once the spend, plus what the scope's live
+instances burn during one stop (the grace period to checkpoint, the destroy, two ticks), would
+reach it. What still goes over the limit is the error of that estimate, at most about one tick
+of billing.
 """
 
 from __future__ import annotations
@@ -114,7 +114,10 @@ def _env(sup: Supervisor) -> str | None:
 
 
 def guard_for(sup: Supervisor) -> BudgetGuard:
-    """The guard of this supervisor; the first call loads budgets.yaml and may raise ConfigError."""
+    """Return this supervisor's guard, loading budgets.yaml on the first call.
+
+    Raises ConfigError when budgets.yaml is invalid.
+    """
     guard = _GUARDS.get(sup)
     if guard is None:
         paths = _budget_paths(sup)
@@ -169,9 +172,12 @@ def _live_attempts(sup: Supervisor) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _live_dph(sup: Supervisor, job_id: str, row: dict[str, Any]) -> float:
+    """Return the rate the attempt bills at now: storage while stopped, else its dph_total."""
     runtime = sup.table.runtime_for(job_id)
-    if runtime.rate_class == "storage":
-        return runtime.storage_dph
+    attempts = getattr(runtime, "attempts", None)
+    billing = attempts.get(int(row["attempt"])) if isinstance(attempts, dict) else runtime
+    if billing is not None and getattr(billing, "rate_class", None) == "storage":
+        return float(getattr(billing, "storage_dph", 0.0))
     return float(row["dph_total"] or 0.0)
 
 
@@ -209,9 +215,9 @@ def remaining_hours(sup: Supervisor, facts: JobFacts, now: float) -> float:
 async def admission(sup: Supervisor, job_id: str) -> str | None:
     """Check that the job's worst case fits every budget it is in; None when it may provision.
 
-    When it does not fit, the job waits (RecoveryDeferred if it was preempted, so it shows
-    as queued with the reason) or fails at once under ``on_exceeded: reject``; the reason is
-    returned either way, and the caller must not provision.
+    When it does not fit, the job waits, or fails at once under ``on_exceeded: reject``. A
+    preempted job that waits gets RecoveryDeferred, so it shows as queued with the reason.
+    Either way the reason is returned, and the caller must not provision.
     """
     guard = await sync(sup)
     facts = guard.jobs.get(job_id)
@@ -287,8 +293,8 @@ def _stops(sup: Supervisor, guard: BudgetGuard, statuses: list[BudgetStatus],
         burn_usd = sum(dph for _, dph in in_scope) * _stop_lead_s(sup, [j for j, _ in in_scope]
                                                                   ) * sup.billing_time_scale / 3600
         if status.spent_usd + burn_usd >= status.limit_usd:
-            reason = (f"budget {status.scope} reached: ${status.spent_usd:.2f} spent of "
-                      f"${status.limit_usd:.2f}")
+            reason = (f"budget {status.scope} is used up: ${status.spent_usd:.2f} spent of "
+                      f"${status.limit_usd:.2f}, and stopping may cost ${burn_usd:.2f} more")
             for job_id, _ in in_scope:
                 stops.setdefault(job_id, reason)
     return list(stops.items())
@@ -329,7 +335,7 @@ async def _alert(sup: Supervisor, guard: BudgetGuard, status: BudgetStatus) -> N
 
 
 def _job_to_alert(sup: Supervisor, guard: BudgetGuard, status: BudgetStatus) -> str | None:
-    """The job in the scope that was billed last, among those the supervisor holds."""
+    """Pick the job in the scope that was billed last, among the supervisor's jobs."""
     best: tuple[int, str] | None = None
     for job_id in sup.table.jobs:
         facts = guard.jobs.get(job_id)

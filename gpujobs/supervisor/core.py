@@ -37,6 +37,7 @@ class Supervisor:
         self.table: JobTable | None = None  # type: ignore[assignment]
         self.report_url = ""
         self.ticks = 0
+        self.jobs_stepped_last_tick = 0
         self.taken_offer_ids: set[int] = set()  # never rent one offer for two jobs
         self.instances = reconcile.InstanceTracker(settings.sweep_pages_per_tick)
         self.limits = load_limits(settings.limit_files())
@@ -109,7 +110,12 @@ class Supervisor:
         offers_cache: dict[str, list] = {}
         self.live_counts = queue.LiveCounts.count(self)
         ordered = jobsteps.ordered_jobs(self.table)
+        now = time.time()
+        self.jobs_stepped_last_tick = 0
         for job_id in ordered:
+            if not jobsteps.needs_step(self, job_id, instances, now):
+                continue
+            self.jobs_stepped_last_tick += 1
             async with self.table.runtime_for(job_id).lock:
                 await jobsteps.step_job(self, job_id, instances, offers_cache)
         await self.queue.publish(queue.waiting_jobs(self, ordered))

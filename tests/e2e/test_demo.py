@@ -33,7 +33,7 @@ def check_summary(summary: dict) -> None:
     assert summary["test_accuracy"] >= 0.95
     assert summary["instances_alive_at_end"] == 0
     assert summary["cost_usd"] > 0
-    assert summary["cost_usd"] == pytest.approx(summary["emulator_charges_usd"], rel=0.05)
+    assert summary["cost_usd"] == pytest.approx(summary["emulator_charges_usd"], rel=0.03)
 
 
 @pytest.mark.timeout(240)
