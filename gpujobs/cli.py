@@ -9,7 +9,6 @@ import asyncio
 import json
 import logging
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,12 +21,15 @@ from gpujobs.settings import Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run GPU training jobs on Vast.ai that survive preemption.")
-profiles_app = typer.Typer(invoke_without_command=True, help="List or validate GPU profiles.")
 
-from gpujobs.cli_audit import audit_app  # noqa: E402  (sub-commands live in their own module)
+from gpujobs import cli_cost, cli_offers  # noqa: E402  (commands that live in their own module)
+from gpujobs.cli_audit import audit_app  # noqa: E402
+from gpujobs.cli_profiles import profiles_app  # noqa: E402
 
 app.add_typer(audit_app, name="audit")
 app.add_typer(profiles_app, name="profiles")
+app.command("offers")(cli_offers.offers)
+app.command("cost-report")(cli_cost.cost_report)
 out = Console()
 EXIT_USAGE = 2
 
@@ -180,54 +182,10 @@ def emulator(
                       time_scale=time_scale, loading_s=loading_s))
 
 
-@profiles_app.callback()
-def profiles(ctx: typer.Context, json_output: bool = typer.Option(False, "--json")) -> None:
-    """List the GPU profiles in effect."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from gpujobs.jobs import profiles_in_effect
-
-    found = profiles_in_effect(_settings())
-    if json_output:
-        _print_json({name: p.to_dict() for name, p in found.items()})
-        return
-    table = Table("profile", "gpu", "gpus", "max $/h", "reliability >=", "max hours", "type")
-    for p in found.values():
-        table.add_row(p.name, "/".join(p.gpu_names), str(p.num_gpus), f"{p.max_dph:.2f}",
-                      f"{p.reliability_min:.2f}", f"{p.max_duration_hours:g}",
-                      "interruptible" if p.interruptible else "on-demand")
-    out.print(table)
-
-
-@profiles_app.command("validate")
-def profiles_validate(path: Path = typer.Argument(..., help="A gpu_profiles.yaml to check.")) -> None:
-    """Check a profiles file and report the first problem with its line."""
-    from gpujobs.profiles import load_profiles_file
-
-    found = load_profiles_file(path)
-    typer.echo(f"ok: {len(found)} profiles in {path}: {', '.join(found)}")
-
-
-def parse_time(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise GpujobsError(
-            f"invalid time {text!r}; use ISO 8601 (2026-12-04T16:30:00) or unix seconds"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except (GpujobsError, ConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -236,6 +194,9 @@ def main() -> None:
             typer.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         raise
+    # Without standalone mode, click returns the code of typer.Exit instead of exiting.
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _is_expected(exc: Exception) -> bool:

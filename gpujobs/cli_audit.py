@@ -1,22 +1,97 @@
-"""`gpujobs audit`: verify the journal's hash chain and query it read-only."""
+"""`gpujobs audit`: list and export journal events, verify the hash chain, query read-only."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from gpujobs.errors import GpujobsError
 from gpujobs.settings import load_settings
 
-audit_app = typer.Typer(no_args_is_help=True, help="Query and verify the event journal.")
-out = Console()
+audit_app = typer.Typer(
+    invoke_without_command=True,
+    help="List, export and verify the event journal, or query it with read-only SQL.",
+)
+FORMATS = ("table", "csv", "jsonl")
+TABLE_DEFAULT_LIMIT = 100
 
 
 def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@audit_app.callback()
+def audit_events(
+    ctx: typer.Context,
+    job: Optional[str] = typer.Option(None, "--job", help="Only events of this job id."),
+    event_types: Optional[list[str]] = typer.Option(
+        None, "--type", help="Only events of this type, such as CostAccrued; repeatable."
+    ),
+    since: Optional[str] = typer.Option(
+        None, help="Only events recorded at or after this time (ISO 8601, UTC by default, or "
+        "unix seconds)."
+    ),
+    until: Optional[str] = typer.Option(
+        None, help="Only events recorded at or before this time (ISO 8601 or unix seconds)."
+    ),
+    team: Optional[str] = typer.Option(None, help="Only events of jobs billed to this team."),
+    project: Optional[str] = typer.Option(None, help="Only events of jobs in this project."),
+    limit: Optional[int] = typer.Option(
+        None, help="Show the newest N matching events (default: 100 in a table, all otherwise)."
+    ),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON array."),
+    output_format: str = typer.Option(
+        "table", "--format", help="table, csv or jsonl (one JSON object per line)."
+    ),
+) -> None:
+    """List journal events, oldest first, filtered by job, type, time, team and project."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from gpujobs.audit import AuditFilters, parse_time, query_events, write_csv, write_jsonl
+
+    if output_format not in FORMATS:
+        raise GpujobsError(f"invalid --format {output_format!r}; use one of: {', '.join(FORMATS)}")
+    if json_output and output_format != "table":
+        raise GpujobsError(f"--json and --format {output_format} conflict; give only one")
+    table_view = output_format == "table" and not json_output
+    default_limit = limit is None and table_view
+    if default_limit:
+        limit = TABLE_DEFAULT_LIMIT
+    filters = AuditFilters(
+        job=job, types=tuple(event_types or ()),
+        since=parse_time(since) if since is not None else None,
+        until=parse_time(until) if until is not None else None,
+        team=team, project=project, limit=limit,
+    )
+    rows = query_events(load_settings().journal_path, filters)
+    if json_output:
+        _print_json(rows)
+    elif output_format == "csv":
+        write_csv(rows, sys.stdout)
+    elif output_format == "jsonl":
+        write_jsonl(rows, sys.stdout)
+    else:
+        _print_table(rows, limit if default_limit else None)
+
+
+def _print_table(rows: list[dict[str, Any]], default_limit: int | None) -> None:
+    from gpujobs.audit import summarize_data
+
+    table = Table("seq", "time (UTC)", "job", "attempt", "event", "team/project", "data")
+    for row in rows:
+        team_project = f"{row['team']}/{row['project']}" if row["team"] is not None else "-"
+        attempt = "-" if row["attempt"] is None else str(row["attempt"])
+        table.add_row(str(row["seq"]), row["recorded_utc"], row["job_id"], attempt, row["type"],
+                      team_project, summarize_data(row["data"]))
+    Console().print(table)
+    if default_limit is not None and len(rows) == default_limit:
+        typer.echo(f"showing the newest {default_limit} matching events; use --limit or "
+                   "--format csv for more", err=True)
 
 
 @audit_app.command("verify")
@@ -31,15 +106,17 @@ def audit_verify() -> None:
         return
     typer.echo(f"journal {settings.journal_path} fails verification at seq "
                f"{result.first_bad_seq}: {result.reason}", err=True)
-    raise typer.Exit(1)
+    # NOTE: not typer.Exit(1): gpujobs.cli.main runs the app with standalone_mode=False, and
+    # click then returns typer.Exit's code instead of exiting with it.
+    sys.exit(1)
 
 
 @audit_app.command("sql")
 def audit_sql(
-    query: str = typer.Argument(..., help="A read-only SQL query."),
-    json_output: bool = typer.Option(False, "--json"),
+    query: str = typer.Argument(..., help="One read-only SQL statement."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON array of objects."),
 ) -> None:
-    """Run a read-only SQL query against the journal and its views."""
+    """Run a read-only SQL query against the journal, its tables and views."""
     from journal import run_readonly_query
 
     columns, rows = run_readonly_query(load_settings().journal_path, query)
@@ -49,4 +126,4 @@ def audit_sql(
     table = Table(*columns)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
-    out.print(table)
+    Console().print(table)

@@ -24,7 +24,7 @@ def replay_command(settings: Settings, job: str | None, at: str | None, all_jobs
         return
     if job is None:
         raise GpujobsError("give --job ID (see `gpujobs status`), or --all --check")
-    from gpujobs.cli import parse_time
+    from gpujobs.audit import parse_time
 
     moment = parse_time(at) if at is not None else None
     result = asyncio.run(_replay_one(settings, job, moment))

@@ -38,7 +38,7 @@ def profiles_in_effect(settings: Settings) -> dict[str, Profile]:
             + ", ".join(str(d) for d in settings.config_dirs)
             + "; set GPUJOBS_CONFIG_DIR to a folder that has one"
         )
-    return load_profiles(files)
+    return load_profiles(files, env=settings.env)
 
 
 def new_job_id(name: str) -> str:

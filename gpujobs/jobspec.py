@@ -65,7 +65,8 @@ def parse_spec(mapping: Located) -> JobSpec:
         profile=fields.string("profile") or "",
         team=fields.string("team", required=False, default="default") or "default",
         project=fields.string("project", required=False, default="default") or "default",
-        priority=fields.integer("priority", required=False, default=0) or 0,
+        priority=fields.integer("priority", required=False, default=0, minimum=-1000,
+                                maximum=1000) or 0,
         command=fields.string("command", required=False, default=DEFAULT_COMMAND) or "",
         image=fields.string("image", required=False),
         total_steps=fields.integer("total_steps", required=False, default=600, minimum=1) or 1,
@@ -74,7 +75,7 @@ def parse_spec(mapping: Located) -> JobSpec:
         keep_checkpoints=fields.integer("keep_checkpoints", required=False, default=3,
                                         minimum=1) or 1,
         grace_period_s=fields.number("grace_period_s", required=False, default=10.0,
-                                     minimum=0.0) or 0.0,
+                                     minimum=0.0, maximum=3600.0) or 0.0,
         step_delay_s=fields.number("step_delay_s", required=False, default=0.0, minimum=0.0,
                                    maximum=60.0) or 0.0,
         heartbeat_interval_s=fields.number("heartbeat_interval_s", required=False, default=2.0,
@@ -83,11 +84,13 @@ def parse_spec(mapping: Located) -> JobSpec:
         env=_parse_env(env, mapping),
     )
     fields.reject_unknown(SPEC_KEYS)
-    for value, what in ((spec.name, "job name"), (spec.team, "team"), (spec.project, "project")):
+    for key, value, what in (("name", spec.name, "job name"), ("team", spec.team, "team"),
+                             ("project", spec.project, "project")):
         try:
             check_name(value, what)
         except ConfigError as exc:
-            raise ConfigError(str(exc), path=mapping.path, line=mapping.line) from None
+            raise ConfigError(f"job spec: {key}: {exc}", path=mapping.path,
+                              line=mapping.line_of(key), key=key) from None
     return spec
 
 
@@ -117,6 +120,7 @@ def _parse_env(value: Any, mapping: Located) -> dict[str, str]:
 
 
 def load_spec(path: Path) -> JobSpec:
+    """Read and check a job spec file; raises ConfigError naming file, line and key."""
     document = load_yaml(path)
     if not isinstance(document, Located):
         raise ConfigError("expected a mapping of job settings (name, profile, ...)", path=str(path))

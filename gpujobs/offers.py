@@ -1,16 +1,27 @@
 """Offer choice: re-check the profile locally, drop hosts that failed, rank what is left.
 
 The API's results can violate the filters sent and leave fields null, so every offer is
-checked again here before money is spent on it.
+checked again here before money is spent on it. Fitting offers are ranked by value: dlperf
+per dollar at the price this job would pay, times the host's reliability (the share of time
+a machine from that host is expected to stay up). Offers without a dlperf figure rank after
+those with one, cheapest first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from gpujobs.profiles import Profile
-from gpujobs.vast.records import Offer
+from gpujobs.vast.records import Instance, Offer
+
+# attempts.end_reason prefixes that mean the host let the job down. A worker crash
+# ("preempted: worker_error: ...") is the job's own fault and does not count.
+HOST_FAILURE_PREFIXES = ("preempted: ", "loading timed out", "instance ")
+NOT_HOST_FAILURES = ("preempted: worker_error",)
+FAILED_HOST_MEMORY_S = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -19,6 +30,8 @@ class RankedOffer:
     rank: int
     bid_price: float | None  # None for on-demand
     reason: str  # why it stands where it does, for `gpujobs offers`
+    price_dph: float = 0.0  # what this job would pay per hour
+    score: float | None = None  # dlperf per dollar x reliability; None without dlperf
 
 
 @dataclass(frozen=True)
@@ -42,7 +55,33 @@ def hourly_price(offer: Offer, profile: Profile) -> float | None:
     return bid if bid is not None else offer.dph_total
 
 
-def check_offer(offer: Offer, profile: Profile, excluded_hosts: set[int],
+def offer_score(offer: Offer, profile: Profile) -> float | None:
+    """dlperf per dollar at this job's price, times reliability; None without a dlperf."""
+    price = hourly_price(offer, profile)
+    if offer.dlperf is None or not price:
+        return None
+    return offer.dlperf / price * (offer.reliability or 0.0)
+
+
+def outbid_action(profile: Profile, instance: Instance) -> tuple[str, float | None]:
+    """Decide what to do with an outbid interruptible instance.
+
+    Returns ("rebid", price) when the profile's on_preemption is rebid and a bid of min_bid
+    plus the margin, capped at max_dph, still reaches the instance's current min_bid.
+    Otherwise returns ("migrate", None), to find another offer.
+    """
+    if profile.on_preemption != "rebid" or not profile.interruptible:
+        return "migrate", None
+    floor = instance.min_bid
+    if floor is None or floor > profile.max_dph:
+        return "migrate", None
+    price = round(min(floor * (1.0 + profile.bid_margin), profile.max_dph), 4)
+    if price < floor:
+        return "migrate", None
+    return "rebid", price
+
+
+def check_offer(offer: Offer, profile: Profile, excluded_hosts: Mapping[int, str] | set[int],
                 excluded_machines: set[int]) -> str | None:
     """Return why an offer does not fit the profile, or None if it fits."""
     if offer.gpu_name not in profile.gpu_names:
@@ -51,22 +90,26 @@ def check_offer(offer: Offer, profile: Profile, excluded_hosts: set[int],
         return f"{offer.num_gpus} GPUs, profile needs {profile.num_gpus}"
     price = hourly_price(offer, profile)
     if price is None or price > profile.max_dph:
-        return f"price {price} $/h is above max_dph {profile.max_dph}"
+        shown = "unknown" if price is None else f"${price:.3f}/h"
+        return f"price {shown} is above max_dph ${profile.max_dph:.3f}/h"
     if offer.reliability is None or offer.reliability < profile.reliability_min:
         return f"reliability {offer.reliability} is below {profile.reliability_min}"
     if offer.host_id is not None and offer.host_id in excluded_hosts:
-        return f"host {offer.host_id} failed this job before"
+        why = excluded_hosts.get(offer.host_id) if isinstance(excluded_hosts, Mapping) else None
+        return f"host {offer.host_id} failed before" + (f": {why}" if why else "")
     if offer.machine_id is not None and offer.machine_id in excluded_machines:
         return f"machine {offer.machine_id} failed before"
     return None
 
 
 def rank_offers(
-    offers: Iterable[Offer], profile: Profile, *, excluded_hosts: Iterable[int] = (),
+    offers: Iterable[Offer], profile: Profile, *,
+    excluded_hosts: Mapping[int, str] | Iterable[int] = (),
     excluded_machines: Iterable[int] = (), taken_offer_ids: Iterable[int] = (),
 ) -> tuple[list[RankedOffer], list[Rejected]]:
-    """Rank fitting offers cheapest first; ties go to more dlperf per dollar, then reliability."""
-    hosts, machines, taken = set(excluded_hosts), set(excluded_machines), set(taken_offer_ids)
+    """Rank fitting offers best value first; returns (ranked, rejected with the reason)."""
+    hosts = excluded_hosts if isinstance(excluded_hosts, Mapping) else set(excluded_hosts)
+    machines, taken = set(excluded_machines), set(taken_offer_ids)
     fitting: list[Offer] = []
     rejected: list[Rejected] = []
     for offer in offers:
@@ -77,24 +120,76 @@ def rank_offers(
             fitting.append(offer)
         else:
             rejected.append(Rejected(offer, reason))
-    fitting.sort(key=lambda o: (
-        hourly_price(o, profile) or 0.0, -(o.dlperf_per_dphtotal or 0.0), -(o.reliability or 0.0),
-        o.id,
-    ))
-    ranked = [
-        RankedOffer(offer, index + 1, bid_for(offer, profile), _describe(offer, profile, index))
-        for index, offer in enumerate(fitting)
-    ]
+    fitting.sort(key=lambda offer: _sort_key(offer, profile))
+    ranked: list[RankedOffer] = []
+    for index, offer in enumerate(fitting):
+        after = fitting[index - 1] if index else None
+        ranked.append(RankedOffer(
+            offer, index + 1, bid_for(offer, profile), _describe(offer, profile, after),
+            hourly_price(offer, profile) or 0.0, offer_score(offer, profile),
+        ))
     return ranked, rejected
 
 
-def _describe(offer: Offer, profile: Profile, index: int) -> str:
+def _sort_key(offer: Offer, profile: Profile) -> tuple[Any, ...]:
+    score = offer_score(offer, profile)
+    price = hourly_price(offer, profile) or 0.0
+    return (score is None, -(score or 0.0), price, -(offer.reliability or 0.0), offer.id)
+
+
+def _describe(offer: Offer, profile: Profile, after: Offer | None) -> str:
     price = hourly_price(offer, profile) or 0.0
     parts = [f"${price:.3f}/h"]
     if profile.interruptible:
-        parts.append(f"bid from min_bid ${offer.min_bid or 0:.3f} + {profile.bid_margin:.0%}")
-    if offer.dlperf_per_dphtotal:
-        parts.append(f"{offer.dlperf_per_dphtotal:.1f} dlperf/$")
+        parts.append(f"bid = min_bid ${offer.min_bid or 0:.3f} + {profile.bid_margin:.0%}, "
+                     f"capped at ${profile.max_dph:.3f}")
+    score = offer_score(offer, profile)
+    if score is not None:
+        parts.append(f"dlperf {offer.dlperf:.1f} = {offer.dlperf / price:.1f} dlperf/$")
     parts.append(f"reliability {offer.reliability:.3f}")
-    lead = "cheapest fitting offer" if index == 0 else "next by price"
-    return f"{lead}: " + ", ".join(parts)
+    summary = ", ".join(parts)
+    if score is None:
+        return f"no dlperf figure, ranked by price: {summary}"
+    if after is None:
+        return f"best value {score:.1f} (dlperf/$ x reliability): {summary}"
+    previous = offer_score(after, profile)
+    behind = f", behind {previous:.1f}" if previous is not None else ""
+    return f"value {score:.1f}{behind}: {summary}"
+
+
+def failed_hosts_from_rows(rows: Iterable[Mapping[str, Any]]) -> dict[int, str]:
+    """Hosts whose attempts ended in a preemption or a provisioning failure, with one example.
+
+    `rows` are attempts rows (host_id, job_id, attempt, end_reason); a host that failed
+    several times keeps the latest reason given.
+    """
+    hosts: dict[int, str] = {}
+    for row in rows:
+        reason = row.get("end_reason") or ""
+        host_id = row.get("host_id")
+        if host_id is None or not _is_host_failure(reason):
+            continue
+        hosts[int(host_id)] = f"job {row.get('job_id')} attempt {row.get('attempt')}: {reason}"
+    return hosts
+
+
+def _is_host_failure(reason: str) -> bool:
+    if any(reason.startswith(prefix) for prefix in NOT_HOST_FAILURES):
+        return False
+    return any(reason.startswith(prefix) for prefix in HOST_FAILURE_PREFIXES)
+
+
+async def load_failed_hosts(store: Any, *, within_s: float = FAILED_HOST_MEMORY_S,
+                            now: float | None = None) -> dict[int, str]:
+    """Read the journal's attempts table for hosts that failed any job in the last `within_s`.
+
+    One query. Failures older than that are forgotten, so a host that recovered gets rented
+    again; attempts not yet destroyed count from now.
+    """
+    since = (time.time() if now is None else now) - within_s
+    rows = await store.query(
+        "SELECT host_id, job_id, attempt, end_reason FROM attempts "
+        "WHERE host_id IS NOT NULL AND end_reason IS NOT NULL "
+        "AND (destroyed_at IS NULL OR destroyed_at >= ?) ORDER BY destroyed_at", (since,),
+    )
+    return failed_hosts_from_rows(dict(row) for row in rows)

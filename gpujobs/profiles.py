@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ class Profile:
     extra_filters: str = ""  # vastai CLI query language, e.g. "inet_down>200 cuda_vers>=12.1"
     disk_gb: float = 10.0
     image: str = "gpujobs/worker:latest"
-    on_preemption: str = "migrate"  # migrate to a new offer, or wait for the same host
+    on_preemption: str = "migrate"  # when outbid: migrate to a new offer, or rebid up to max_dph
     max_restarts: int = 3  # restarts after worker errors; preemptions are not counted
     loading_timeout_s: float = 900.0
     description: str = ""
@@ -74,35 +75,76 @@ def gpu_names_for(spelled: str) -> tuple[str, ...]:
     return (name,)
 
 
-def parse_profile(name: str, mapping: Located) -> Profile:
+ON_PREEMPTION_CHOICES = ("migrate", "rebid")
+ENVIRONMENT_KEYS = {"profiles", "description"}
+
+
+def parse_profile(name: str, mapping: Located, base: Profile | None = None) -> Profile:
+    """Build a profile from its mapping; with `base`, every key is optional and overrides it."""
     fields = FieldReader(mapping, f"profile {name!r}")
-    gpu_name = fields.string("gpu_name")
+    need = base is None
+    old = base or Profile(name, (), 1, 0.0, 0.0, 0.0)
+    gpu_name = fields.string("gpu_name", required=need)
+    gpu_names = _known_gpu_names(fields, gpu_name) if gpu_name else old.gpu_names
     profile = Profile(
         name=name,
-        gpu_names=gpu_names_for(gpu_name or ""),
-        num_gpus=fields.integer("num_gpus", minimum=1) or 1,
-        max_dph=fields.number("max_dph", minimum=0.0, exclusive_minimum=True, maximum=1000.0)
-        or 0.0,
-        reliability_min=fields.number("reliability_min", minimum=0.0, maximum=1.0) or 0.0,
-        max_duration_hours=fields.number(
-            "max_duration_hours", minimum=0.0, exclusive_minimum=True, maximum=24 * 365
-        ) or 0.0,
-        interruptible=bool(fields.boolean("interruptible", required=False, default=False)),
-        bid_margin=fields.number("bid_margin", required=False, default=0.10, minimum=0.0,
-                                 maximum=10.0) or 0.0,
-        extra_filters=fields.string("extra_filters", required=False, default="") or "",
-        disk_gb=fields.number("disk_gb", required=False, default=10.0, minimum=1.0) or 10.0,
-        image=fields.string("image", required=False, default="gpujobs/worker:latest") or "",
-        on_preemption=fields.choice("on_preemption", ("migrate", "wait"), default="migrate"),
-        max_restarts=fields.integer("max_restarts", required=False, default=3, minimum=0) or 0,
-        loading_timeout_s=fields.number("loading_timeout_s", required=False, default=900.0,
-                                        minimum=1.0) or 900.0,
-        description=fields.string("description", required=False, default="") or "",
+        gpu_names=gpu_names,
+        num_gpus=_int(fields.integer("num_gpus", required=need, minimum=1, maximum=64),
+                      old.num_gpus),
+        max_dph=_float(fields.number("max_dph", required=need, minimum=0.0,
+                                     exclusive_minimum=True, maximum=1000.0), old.max_dph),
+        reliability_min=_float(fields.number("reliability_min", required=need, minimum=0.0,
+                                             maximum=1.0), old.reliability_min),
+        max_duration_hours=_float(fields.number(
+            "max_duration_hours", required=need, minimum=0.0, exclusive_minimum=True,
+            maximum=24 * 365,
+        ), old.max_duration_hours),
+        interruptible=_bool(fields.boolean("interruptible", required=False), old.interruptible),
+        bid_margin=_float(fields.number("bid_margin", required=False, minimum=0.0, maximum=10.0),
+                          old.bid_margin),
+        extra_filters=_str(fields.string("extra_filters", required=False), old.extra_filters),
+        disk_gb=_float(fields.number("disk_gb", required=False, minimum=1.0, maximum=65536.0),
+                       old.disk_gb),
+        image=_str(fields.string("image", required=False), old.image),
+        on_preemption=fields.choice("on_preemption", ON_PREEMPTION_CHOICES,
+                                    default=old.on_preemption),
+        max_restarts=_int(fields.integer("max_restarts", required=False, minimum=0),
+                          old.max_restarts),
+        loading_timeout_s=_float(fields.number("loading_timeout_s", required=False, minimum=1.0),
+                                 old.loading_timeout_s),
+        description=_str(fields.string("description", required=False), old.description),
     )
     fields.reject_unknown(PROFILE_KEYS)
+    if profile.on_preemption == "rebid" and not profile.interruptible:
+        raise fields.fail("on_preemption", "rebid applies only to interruptible profiles; set "
+                          "interruptible: true or use migrate")
     if profile.extra_filters:
         _check_filters(profile, mapping)
     return profile
+
+
+def _known_gpu_names(fields: FieldReader, spelled: str) -> tuple[str, ...]:
+    names = gpu_names_for(spelled)
+    if names[0] not in KNOWN_GPU_NAMES:
+        raise fields.fail("gpu_name", f"unknown GPU {spelled!r}; use a Vast.ai GPU name such as "
+                          "RTX_4090, H100_SXM or a family such as A100 (`_` stands for a space)")
+    return names
+
+
+def _int(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _float(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def _bool(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+def _str(value: str | None, default: str) -> str:
+    return default if value is None else value
 
 
 def _check_filters(profile: Profile, mapping: Located) -> None:
@@ -118,35 +160,148 @@ def _check_filters(profile: Profile, mapping: Located) -> None:
         ) from exc
 
 
-def load_profiles_file(path: Path) -> dict[str, Profile]:
-    """Read one gpu_profiles.yaml; raises ConfigError naming file, line and key on any problem."""
+@dataclass(frozen=True)
+class ProfilesFile:
+    """One gpu_profiles.yaml: its profiles and the raw overrides of each environment."""
+
+    path: Path
+    profiles: dict[str, Profile]
+    environments: dict[str, Located]  # environment name -> its `profiles:` mapping
+
+
+def read_profiles_file(path: Path) -> ProfilesFile:
+    """Read and check one gpu_profiles.yaml; raises ConfigError naming file, line and key."""
     document = load_yaml(path)
     if not isinstance(document, Located):
         raise ConfigError("expected a mapping with a 'profiles' key at the top", path=str(path))
     top = FieldReader(document, "file")
     section = top.raw("profiles")
-    top.reject_unknown({"profiles"})
+    environments = top.raw("environments")
+    top.reject_unknown({"profiles", "environments"})
+    if section is None and environments is None:
+        raise ConfigError("missing required key 'profiles'", path=str(path), line=document.line,
+                          key="profiles")
+    profiles = _parse_section(section or _empty(document), document, "profiles") if (
+        section is not None) else {}
+    overrides = _read_environments(environments, document)
+    for env_name, body in overrides.items():
+        _check_overrides(env_name, body, profiles)
+    return ProfilesFile(path, profiles, overrides)
+
+
+def _empty(document: Located) -> Located:
+    return Located({}, {}, document.line, document.path)
+
+
+def _parse_section(section: Any, parent: Located, key: str) -> dict[str, Profile]:
     if not isinstance(section, Located):
         raise ConfigError(
-            "expected 'profiles:' followed by named profiles", path=str(path), line=document.line
+            f"{key}: expected named profiles (name: {{gpu_name: ..., ...}}), got {_kind(section)}",
+            path=parent.path, line=parent.line_of(key), key=key,
         )
     profiles: dict[str, Profile] = {}
     for name, body in section.values.items():
-        if not isinstance(body, Located):
-            raise ConfigError(
-                f"profile {name!r} must be a mapping of settings",
-                path=str(path), line=section.line_of(name), key=name,
-            )
-        profiles[name] = parse_profile(name, body)
+        profiles[name] = parse_profile(name, _profile_body(name, body, section))
     return profiles
 
 
-def load_profiles(paths: list[Path]) -> dict[str, Profile]:
-    """Merge profile files in order; a later file replaces a profile of the same name whole."""
+def _profile_body(name: str, body: Any, section: Located) -> Located:
+    if not isinstance(body, Located):
+        raise ConfigError(
+            f"profile {name!r} must be a mapping of settings, got {_kind(body)}",
+            path=section.path, line=section.line_of(name), key=name,
+        )
+    return body
+
+
+def _read_environments(environments: Any, document: Located) -> dict[str, Located]:
+    if environments is None:
+        return {}
+    if not isinstance(environments, Located):
+        raise ConfigError(
+            f"environments: expected a mapping of environment name to overrides, got "
+            f"{_kind(environments)}",
+            path=document.path, line=document.line_of("environments"), key="environments",
+        )
+    found: dict[str, Located] = {}
+    for env_name, body in environments.values.items():
+        if not isinstance(body, Located):
+            raise ConfigError(
+                f"environment {env_name!r} must be a mapping with a 'profiles' key",
+                path=environments.path, line=environments.line_of(env_name), key=env_name,
+            )
+        fields = FieldReader(body, f"environment {env_name!r}")
+        if "budgets" in body.values or "on_exceeded" in body.values:
+            key = "budgets" if "budgets" in body.values else "on_exceeded"
+            raise fields.fail(key, f"belongs in budgets.yaml under environments.{env_name}")
+        overrides = fields.raw("profiles")
+        fields.string("description", required=False)
+        fields.reject_unknown(ENVIRONMENT_KEYS)
+        if overrides is not None and not isinstance(overrides, Located):
+            raise fields.fail("profiles", "expected a mapping of profile name to overrides, "
+                              f"got {_kind(overrides)}")
+        found[env_name] = overrides if overrides is not None else _empty(body)
+    return found
+
+
+def _check_overrides(env_name: str, overrides: Located, profiles: dict[str, Profile]) -> None:
+    """Parse the overrides of profiles this file defines, so errors show at load time."""
+    for name, body in overrides.values.items():
+        located = _profile_body(name, body, overrides)
+        if name in profiles:
+            parse_profile(name, located, profiles[name])
+
+
+def load_profiles_file(path: Path, env: str | None = None) -> dict[str, Profile]:
+    """Read one gpu_profiles.yaml, with the overrides of `env` applied."""
+    return load_profiles([path], env=env)
+
+
+def load_profiles(paths: list[Path], env: str | None = None) -> dict[str, Profile]:
+    """Merge profile files in order, then apply environment `env` from every file that has it.
+
+    A later file replaces a profile of the same name whole. An environment override changes
+    only the keys it names; a profile that only an environment defines must be complete.
+    Raises ConfigError when `env` is given and no file defines it.
+    """
+    files = [read_profiles_file(path) for path in paths]
     merged: dict[str, Profile] = {}
-    for path in paths:
-        merged.update(load_profiles_file(path))
+    for file in files:
+        merged.update(file.profiles)
+    if env is None:
+        return merged
+    check_environment(env, [(f.path, set(f.environments)) for f in files], "gpu_profiles.yaml")
+    for file in files:
+        overrides = file.environments.get(env)
+        for name, body in (overrides.values.items() if overrides else ()):
+            merged[name] = parse_profile(name, body, merged.get(name))
     return merged
+
+
+def check_environment(env: str, defined: list[tuple[Path, set[str]]], kind: str) -> None:
+    """Raise ConfigError unless one of the files defines environment `env`."""
+    known = sorted(set().union(*(names for _, names in defined))) if defined else []
+    if env in known:
+        return
+    where = ", ".join(str(path) for path, _ in defined) or f"(no {kind} found)"
+    raise ConfigError(
+        f"environment {env!r} is not defined in {where}; defined: {', '.join(known) or 'none'}; "
+        "add it under 'environments:' or fix GPUJOBS_ENV / --env"
+    )
+
+
+def environment_from(flag: str | None = None) -> str | None:
+    """Return the environment to use: the flag, else GPUJOBS_ENV, else None (no overrides)."""
+    value = flag or os.environ.get("GPUJOBS_ENV") or None
+    return value.strip() or None if value else None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, Located):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
 
 
 def get_profile(profiles: dict[str, Profile], name: str) -> Profile:

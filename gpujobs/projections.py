@@ -261,6 +261,9 @@ class JobsProjection:
             "PRIMARY KEY (job_id, attempt))"
         )
         conn.execute("CREATE INDEX IF NOT EXISTS attempts_status ON attempts(status)")
+        from gpujobs.views import create_views  # the views read these tables
+
+        create_views(conn)
 
     def apply(self, conn: sqlite3.Connection, event: RecordedEvent) -> None:
         job = load_job_row(conn, event.stream)

@@ -21,6 +21,7 @@ class Settings:
     vast_api_key: str | None = field(default=None, repr=False)
     artifact_uri: str | None = None  # None: file://<home>/artifacts
     config_dirs: tuple[Path, ...] = (SHIPPED_CONFIG_DIR,)
+    env: str | None = None  # configuration environment (dev, prod, ...) from GPUJOBS_ENV
     tick_s: float = 5.0
     heartbeat_timeout_s: float = 60.0  # silence after which a worker counts as unreachable
     unreachable_grace_s: float = 120.0  # further silence before the attempt is given up
@@ -31,6 +32,7 @@ class Settings:
     report_mode: str = "http"  # "mailbox": workers leave reports in the artifact store
     lease_ttl_s: float = 30.0
     sweep_pages_per_tick: int = 4  # pages of the full instance list fetched per tick
+    offer_search_limit: int = 64  # offers asked for per profile per tick
     cost_interval_s: float = 60.0
 
     @property
@@ -76,6 +78,7 @@ def load_settings(*, home: Path | None = None, config_dir: Path | None = None) -
         vast_api_key=os.environ.get("VAST_API_KEY") or None,
         artifact_uri=os.environ.get("GPUJOBS_ARTIFACT_URI") or None,
         config_dirs=tuple(dirs),
+        env=os.environ.get("GPUJOBS_ENV") or None,
         report_host=os.environ.get("GPUJOBS_REPORT_HOST") or "127.0.0.1",
         report_port=_port_from_env(),
         public_report_url=os.environ.get("GPUJOBS_REPORT_URL") or None,

@@ -1,12 +1,14 @@
 """Load YAML with line numbers and strict checks, for config files users edit by hand.
 
-PyYAML follows YAML 1.1, where `no` reads as false and `1e-4` as a string. Values keep their
-line so a validation error can point at it, and duplicate keys are rejected instead of the
-last one silently winning.
+PyYAML follows YAML 1.1, where `no` reads as false and `1e-4` as a string. This loader reads
+`1e-4` as a float, as YAML 1.2 does. It keeps the 1.1 booleans, but an error names them where a
+string was expected. Each key keeps its line, so that an error can point at it, and a
+duplicate key is rejected instead of the last one winning.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,14 @@ class Located:
 
 class _StrictLoader(yaml.SafeLoader):
     pass
+
+
+# YAML 1.2 floats that YAML 1.1 leaves as strings: an exponent without a dot or without a
+# sign (1e-4, 2E3, 1.5e3).
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$")
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789")
+)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> Located:
@@ -100,7 +110,8 @@ class FieldReader:
         self.context = context
         self.used: set[str] = set()
 
-    def _fail(self, key: str, message: str) -> ConfigError:
+    def fail(self, key: str, message: str) -> ConfigError:
+        """Build the error for `key`, pointing at its line."""
         return ConfigError(
             f"{self.context}: {key}: {message}",
             path=self.mapping.path, line=self.mapping.line_of(key), key=key,
@@ -122,18 +133,23 @@ class FieldReader:
         if value is None:
             return default
         if not isinstance(value, str) or not value.strip():
-            raise self._fail(key, f"expected a non-empty string, got {_show(value)}")
+            raise self.fail(key, f"expected a non-empty string, got {_show(value)}")
         return value
 
     def integer(self, key: str, *, required: bool = True, default: int | None = None,
-                minimum: int | None = None) -> int | None:
+                minimum: int | None = None, maximum: int | None = None) -> int | None:
         value = self._get(key, required)
         if value is None:
             return default
+        if isinstance(value, float) and value.is_integer():
+            raise self.fail(key, f"expected a whole number, got float {value!r}; "
+                            f"write {int(value)}")
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self._fail(key, f"expected a whole number, got {_show(value)}")
+            raise self.fail(key, f"expected a whole number, got {_show(value)}")
         if minimum is not None and value < minimum:
-            raise self._fail(key, f"must be at least {minimum}, got {value}")
+            raise self.fail(key, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.fail(key, f"must be at most {maximum}, got {value}")
         return value
 
     def number(self, key: str, *, required: bool = True, default: float | None = None,
@@ -145,28 +161,26 @@ class FieldReader:
         if isinstance(value, str):
             value = self._number_from_string(key, value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._fail(key, f"expected a number, got {_show(value)}")
+            raise self.fail(key, f"expected a number, got {_show(value)}")
         number = float(value)
         if minimum is not None and (number <= minimum if exclusive_minimum else number < minimum):
             bound = "greater than" if exclusive_minimum else "at least"
-            raise self._fail(key, f"must be {bound} {minimum:g}, got {number:g}")
+            raise self.fail(key, f"must be {bound} {minimum:g}, got {number:g}")
         if maximum is not None and number > maximum:
-            raise self._fail(key, f"must be at most {maximum:g}, got {number:g}")
+            raise self.fail(key, f"must be at most {maximum:g}, got {number:g}")
         return number
 
     def _number_from_string(self, key: str, text: str) -> float:
-        # YAML 1.1 reads 1e-4 (no dot) as a string; accept it as the number the user meant.
-        try:
-            return float(text)
-        except ValueError:
-            raise self._fail(key, f"expected a number, got the string {text!r}") from None
+        # Unquoted numbers (1e-4 included) never reach here, so this string was quoted.
+        hint = "; remove the quotes" if _looks_numeric(text) else ""
+        raise self.fail(key, f"expected a number, got the string {text!r}{hint}")
 
     def boolean(self, key: str, *, required: bool = True, default: bool | None = None) -> bool | None:
         value = self._get(key, required)
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self._fail(key, f"expected true or false, got {_show(value)}")
+            raise self.fail(key, f"expected true or false, got {_show(value)}")
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], *, default: str) -> str:
@@ -174,7 +188,7 @@ class FieldReader:
         if value is None:
             return default
         if value not in choices:
-            raise self._fail(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
+            raise self.fail(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
         return str(value)
 
     def raw(self, key: str) -> Any:
@@ -185,7 +199,15 @@ class FieldReader:
         for key in self.mapping.values:
             if key not in known:
                 expected = ", ".join(sorted(known))
-                raise self._fail(key, f"unknown key; expected one of: {expected}")
+                raise self.fail(key, f"unknown key; expected one of: {expected}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _show(value: Any) -> str:

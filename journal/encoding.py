@@ -62,6 +62,39 @@ def chain_hash(
     return hashlib.sha256(f"{header}\n{data_json}".encode()).hexdigest()
 
 
+def json_string(text: str) -> str:
+    """Encode `text` as the JSON string literal that the row header holds."""
+    return encode_basestring_ascii(text)
+
+
+def json_time(recorded_at: float) -> str:
+    """Encode a timestamp as the row header stores it: the shortest repr of the double."""
+    return repr(float(recorded_at))
+
+
+def hash_encoded_row(
+    previous_hash: str,
+    seq: int,
+    stream_json: str,
+    version: int,
+    type_json: str,
+    schema_version: int,
+    time_json: str,
+    data_json: str,
+) -> str:
+    """Return chain_hash() of a row whose strings were encoded with json_string and json_time.
+
+    The writer encodes the stream once per append and the time once per batch. `seq`,
+    `version` and `schema_version` must be of type int (the writer checks them), so that
+    plain formatting writes them as JSON integers.
+    """
+    header = f'["{previous_hash}",{seq},{stream_json},{version},{type_json},{schema_version},'
+    return _sha256(f"{header}{time_json}]\n{data_json}".encode()).hexdigest()
+
+
+_sha256 = hashlib.sha256
+
+
 def upcast(
     upcasters: Upcasters, event_type: str, schema_version: int, data: dict[str, Any]
 ) -> tuple[int, dict[str, Any]]:

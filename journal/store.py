@@ -145,17 +145,41 @@ class EventStore:
         return WriterStats(self._transactions, self._appends, self._events)
 
     async def _run_writer(self) -> None:
+        """Commit pending appends, one batch at a time, until close() and the queue is empty.
+
+        When a batch commits and more appends are pending, the next batch is handed to the
+        writer thread before the finished batch's futures are resolved, so the thread writes
+        while the woken tasks run.
+        """
         loop = asyncio.get_running_loop()
+        running: tuple[list[_Pending], asyncio.Future[list[Outcome]]] | None = None
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._take_batch()
-                await self._commit_batch(loop, batch)
-            if self._closed:
-                return
+            if running is None:
+                if not self._pending:
+                    if self._closed:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                running = self._start_batch(loop)
+            batch, outcomes_future = running
+            try:
+                outcomes: list[Outcome] | Exception = await outcomes_future
+            except Exception as exc:
+                outcomes = exc
+            running = self._start_batch(loop) if self._pending else None
+            self._finish_batch(batch, outcomes)
+
+    def _start_batch(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> tuple[list[_Pending], asyncio.Future[list[Outcome]]]:
+        batch = self._take_batch()
+        requests = [request for request, _ in batch]
+        outcomes = loop.run_in_executor(self._executor, self._batch_writer.write_batch, requests)
+        return batch, outcomes
 
     def _take_batch(self) -> list[_Pending]:
+        """Take the oldest pending appends, up to MAX_BATCH_EVENTS events."""
         batch_length = 0
         event_count = 0
         for request, _ in self._pending:
@@ -166,18 +190,16 @@ class EventStore:
         batch, self._pending = self._pending[:batch_length], self._pending[batch_length:]
         return batch
 
-    async def _commit_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
-        requests = [request for request, _ in batch]
-        try:
-            outcomes: list[Outcome] = await loop.run_in_executor(
-                self._executor, self._batch_writer.write_batch, requests
-            )
-        except Exception as exc:
-            if not isinstance(exc, JournalError):
-                logger.exception("journal %s writer failed on a batch of %d", self.path, len(batch))
+    def _finish_batch(self, batch: list[_Pending], outcomes: list[Outcome] | Exception) -> None:
+        if isinstance(outcomes, Exception):
+            if not isinstance(outcomes, JournalError):
+                logger.error(
+                    "journal %s writer failed on a batch of %d appends",
+                    self.path, len(batch), exc_info=outcomes,
+                )
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(outcomes)
             return
 
         self._transactions += 1

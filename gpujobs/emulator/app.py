@@ -4,7 +4,6 @@ that are local process groups, plus routes under ``/_emulator/`` to inject fault
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import shutil

@@ -60,6 +60,7 @@ class Market:
         self._next_machine_id = 20_000 + self._rng.randrange(10_000)
         self._next_host_id = 100_000 + self._rng.randrange(100_000)
         self.offers: dict[int, dict[str, Any]] = {}
+        self._last_host_id: int | None = None  # the highest host id so far
         self._seed_guaranteed()
         for model in GPU_MODELS:
             for _ in range(6 if offers_per_gpu is None else offers_per_gpu):
@@ -92,8 +93,9 @@ class Market:
              verified: bool, host_id: int | None = None, machine_id: int | None = None) -> int:
         """Add an offer; a new machine joins the last host two times in three."""
         if host_id is None:
-            last_host = max((o["host_id"] for o in self.offers.values()), default=None)
+            last_host = self._last_host_id
             host_id = last_host if last_host and self._rng.random() < 0.66 else self._new_host()
+        self._last_host_id = max(self._last_host_id or 0, host_id)
         if machine_id is None:
             self._next_machine_id += self._rng.randrange(1, 40)
             machine_id = self._next_machine_id

@@ -173,11 +173,9 @@ def _live_attempts(sup: Supervisor) -> list[tuple[str, dict[str, Any]]]:
 
 def _live_dph(sup: Supervisor, job_id: str, row: dict[str, Any]) -> float:
     """Return the rate the attempt bills at now: storage while stopped, else its dph_total."""
-    runtime = sup.table.runtime_for(job_id)
-    attempts = getattr(runtime, "attempts", None)
-    billing = attempts.get(int(row["attempt"])) if isinstance(attempts, dict) else runtime
-    if billing is not None and getattr(billing, "rate_class", None) == "storage":
-        return float(getattr(billing, "storage_dph", 0.0))
+    billing = sup.table.runtime_for(job_id).attempts.get(int(row["attempt"]))
+    if billing is not None and billing.rate_class == "storage":
+        return billing.storage_dph
     return float(row["dph_total"] or 0.0)
 
 

@@ -13,7 +13,8 @@ from gpujobs import events as ev
 from gpujobs.projections import JobsProjection
 from gpujobs.settings import Settings
 from gpujobs.limits import load_limits
-from gpujobs.supervisor import jobsteps, mailbox, queue, reconcile
+from gpujobs.offers import load_failed_hosts
+from gpujobs.supervisor import budget_guard, jobsteps, mailbox, queue, reconcile, reporting
 from gpujobs.supervisor.lease import SupervisorLease
 from gpujobs.supervisor.reports import ReportServer, TokenIssuer
 from gpujobs.supervisor.state import JobTable
@@ -43,6 +44,8 @@ class Supervisor:
         self.limits = load_limits(settings.limit_files())
         self.live_counts = queue.LiveCounts()
         self.queue = queue.QueuePublisher(settings.journal_path)
+        self._failed_hosts: dict[int, str] = {}
+        self._failed_hosts_tick = -1
         self.api_calls_last_tick = 0
         self._stopping = asyncio.Event()
 
@@ -118,7 +121,15 @@ class Supervisor:
             self.jobs_stepped_last_tick += 1
             async with self.table.runtime_for(job_id).lock:
                 await jobsteps.step_job(self, job_id, instances, offers_cache)
+        await budget_guard.enforce(self)
         await self.queue.publish(queue.waiting_jobs(self, ordered))
+
+    async def failed_hosts(self) -> dict[int, str]:
+        """Hosts that lost attempts of any job lately, read at most once per tick."""
+        if self._failed_hosts_tick != self.ticks:
+            self._failed_hosts = await load_failed_hosts(self.store)
+            self._failed_hosts_tick = self.ticks
+        return self._failed_hosts
 
     async def append(self, job_id: str, events: Sequence[ev.JobEvent]) -> bool:
         """Append events at the job's known version; False (and caught up) on a conflict."""
@@ -154,4 +165,4 @@ class Supervisor:
             await storage.close()
 
     async def _on_report(self, report) -> str:  # type: ignore[no-untyped-def]
-        return await jobsteps.handle_report(self, report)
+        return await reporting.handle_report(self, report)

@@ -7,14 +7,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gpujobs import events as ev
-from gpujobs.offers import rank_offers
+from gpujobs.offers import outbid_action, rank_offers
 from gpujobs.profiles import Profile, offer_query
 from gpujobs.projections import (
     CREATE_FAILED, CREATED, DESTROY_REQUESTED, DESTROYED, REQUESTED, WORKER_ERROR,
 )
 from gpujobs.states import JobState
+from gpujobs.supervisor import budget_guard
 from gpujobs.supervisor import instances as inst
-from gpujobs.supervisor.reporting import handle_report  # noqa: F401  (re-exported for core)
 from gpujobs.supervisor.state import JobTable
 from gpujobs.vast import errors as vast_errors
 from gpujobs.vast.records import Instance, Offer
@@ -191,10 +191,6 @@ async def _provision(sup: Supervisor, job_id: str, offers_cache: dict[str, list[
         return
     if not await _ensure_no_live_instance(sup, job_id, None):
         return
-    marker = await sup.completion_marker(job_id)
-    if marker is not None:
-        await _complete_from_marker(sup, job_id, marker)
-        return
     if await _restarts_spent(sup, job_id):
         return
     await _provision_next(sup, job_id, offers_cache)
@@ -214,6 +210,8 @@ async def _restarts_spent(sup: Supervisor, job_id: str) -> bool:
 
 async def _provision_next(sup: Supervisor, job_id: str,
                           offers_cache: dict[str, list[Offer]]) -> None:
+    if await budget_guard.admission(sup, job_id) is not None:
+        return
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
     profile = Profile.from_dict(job["profile"])
@@ -226,12 +224,18 @@ async def _provision_next(sup: Supervisor, job_id: str,
         runtime.backoff_until = time.time() + 10.0
         runtime.wait_reason = "offer search failed; retrying"
         return
+    excluded = dict(await sup.failed_hosts())
+    excluded.update({host: "failed this job before" for host in _failed_hosts(sup, job_id)})
     ranked, _ = rank_offers(
-        offers, profile, excluded_hosts=_failed_hosts(sup, job_id),
-        taken_offer_ids=sup.taken_offer_ids,
+        offers, profile, excluded_hosts=excluded, taken_offer_ids=sup.taken_offer_ids,
     )
     if not ranked:
         await _no_offer(sup, job_id, profile)
+        return
+    # Checked last, right before money is spent: a job whose worker finished never reruns.
+    marker = await sup.completion_marker(job_id)
+    if marker is not None:
+        await _complete_from_marker(sup, job_id, marker)
         return
     choice = ranked[0]
     sup.taken_offer_ids.add(choice.offer.id)
@@ -246,7 +250,8 @@ async def _search(sup: Supervisor, profile: Profile,
         return offers_cache[profile.name]
     try:
         offers = await sup.client.search_offers(
-            offer_query(profile), order=[("dph_total", "asc")], limit=64,
+            offer_query(profile), order=[("dph_total", "asc")],
+            limit=sup.settings.offer_search_limit,
             offer_type="bid" if profile.interruptible else "on-demand",
             allocated_storage_gb=profile.disk_gb,
         )
@@ -332,6 +337,8 @@ async def _watch_running(sup: Supervisor, job_id: str, instance: Instance | None
     now = time.time()
     if found is not None and (instance is not None or found.complete):
         lost = _loss_reason(instance)
+        if lost == "outbid" and instance is not None and await _rebid(sup, job_id, instance):
+            return
         if lost is not None:
             await _preemption(sup, job_id, instance, lost)
             return
@@ -348,6 +355,23 @@ async def _watch_running(sup: Supervisor, job_id: str, instance: Instance | None
         await sup.append(job_id, [
             ev.WorkerStalled(int(job["attempt"]), int(job["step"] or 0), stalled_s)
         ])
+
+
+async def _rebid(sup: Supervisor, job_id: str, instance: Instance) -> bool:
+    """Raise the bid within the profile's cap when its policy says so; True if it did."""
+    profile = Profile.from_dict(sup.table.jobs[job_id]["profile"])
+    action, price = outbid_action(profile, instance)
+    if action != "rebid" or price is None:
+        return False
+    try:
+        await sup.client.change_bid(instance.id, price)
+    except vast_errors.VastError as exc:
+        log.warning("job %s: rebid of instance %d at $%.4f/h failed: %s", job_id, instance.id,
+                    price, exc)
+        return False
+    log.info("job %s: outbid; raised the bid on instance %d to $%.4f/h", job_id, instance.id,
+             price)
+    return True
 
 
 def _loss_reason(instance: Instance | None) -> str | None:
@@ -395,10 +419,6 @@ async def _recover(sup: Supervisor, job_id: str, instance: Instance | None,
         await inst.request_destroy(sup, job_id, row, f"preempted: {job['reason']}")
         return
     if row is not None and row["status"] == REQUESTED:
-        return
-    marker = await sup.completion_marker(job_id)
-    if marker is not None:
-        await _complete_from_marker(sup, job_id, marker)
         return
     if await _restarts_spent(sup, job_id):
         return

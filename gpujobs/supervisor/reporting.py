@@ -37,7 +37,7 @@ async def handle_report(sup: Supervisor, report: Report) -> str:
             return "ok" if state is S.DONE and report.kind is ReportKind.COMPLETED else "stop"
         _note(runtime, report)
         events = derive_events(job, report)
-        if job["stop_reason"]:
+        if job["stop_reason"] or job["cancel_requested"]:
             # A stop we asked for is not a preemption: the job ends once the worker is down.
             events = [e for e in events if not isinstance(e, ev.PreemptionDetected)]
         if report.kind is ReportKind.COMPLETED:

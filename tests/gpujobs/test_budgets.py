@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from gpujobs.budgets import (
-    Budget, BudgetBook, load_budgets, period_window, split_by_day,
+    Budget, BudgetBook, BudgetConfig, load_budgets, period_window, split_by_day,
 )
 from gpujobs.errors import ConfigError
 from gpujobs.settings import SHIPPED_CONFIG_DIR
+from gpujobs.supervisor.budget_guard import BudgetGuard
 
 BASE = ("budgets:\n  - team: research\n    limit_usd: 100\n    period: month\n"
         "    alert_at: [0.5, 0.8]\non_exceeded: wait\n")
@@ -162,3 +163,28 @@ def test_book_spend_per_period_and_scope() -> None:
     assert status.left_usd == 4.5
     assert status.scope == "team=research/day=2026-12-04"
     assert book.total_usd() == 12.0
+
+
+def test_guard_fold_tracks_running_time_and_spend() -> None:
+    guard = BudgetGuard(BudgetConfig(), (), None)
+    now = utc(2026, 12, 4, 12)
+    profile = {"max_dph": 0.5, "max_duration_hours": 3.0}
+    rows = [
+        ("JobSubmitted", {"team": "t", "project": "p", "profile": profile}, now),
+        ("InstanceCreated", {"attempt": 1}, now + 10),
+        ("WorkerStarted", {"attempt": 1}, now + 20),
+        ("CostAccrued", {"attempt": 1, "amount_usd": 0.25, "through": now + 70}, now + 70),
+        ("PreemptionDetected", {"attempt": 1}, now + 80),
+        ("InstanceCreated", {"attempt": 2}, now + 100),
+        ("JobResumed", {"attempt": 2}, now + 130),
+        ("BudgetAlert", {"scope": "team=t/total", "threshold": 0.5}, now + 131),
+    ]
+    for seq, (kind, data, at) in enumerate(rows, start=1):
+        guard.fold(seq, "j", kind, data, at)
+    facts = guard.jobs["j"]
+    assert facts.running_s(now + 140) == 70.0  # 60 s on attempt 1, 10 s on attempt 2
+    assert facts.last_cost_seq == 4
+    assert guard.book.spent(Budget("t", None, 1.0, "day"), now).spent_usd == 0.25
+    assert guard.billed_through[("j", 1)] == now + 70
+    assert guard.billed_through[("j", 2)] == now + 100
+    assert ("team=t/total", 0.5) in guard.alerted

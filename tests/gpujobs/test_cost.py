@@ -113,3 +113,12 @@ def test_job_costs_groups_streams() -> None:
     costs = job_costs(history() + other)
     assert [c.job_id for c in costs] == ["j", "k"]
     assert costs[1].cost_usd == pytest.approx(0.154)
+
+
+def test_requested_stop_is_not_a_loss() -> None:
+    events = history()
+    request = StoredEvent(99, "j", "CancelRequested", {"requested_by": "me"}, 1090.0)
+    events = events[:7] + [request] + events[7:]
+    first = job_cost("j", events).attempts[0]
+    assert first.by_category[LOST] == 0.0
+    assert first.by_category[USEFUL] == pytest.approx(0.07)

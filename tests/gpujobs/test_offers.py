@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,7 @@ async def test_offer_listing_against_emulator(tmp_path: Path, emulator, monkeypa
     assert any("above max_dph" in row["reason"] for row in listing["rejected"])
 
 
-def test_offers_command_json_and_table(tmp_path: Path, emulator, monkeypatch) -> None:
+async def test_offers_command_json_and_table(tmp_path: Path, emulator, monkeypatch) -> None:
     emu, url = emulator
     monkeypatch.setenv("VAST_URL", url)
     monkeypatch.setenv("VAST_API_KEY", emu.api_key)
@@ -177,12 +178,15 @@ def test_offers_command_json_and_table(tmp_path: Path, emulator, monkeypatch) ->
     app = typer.Typer()
     app.command()(offers)
     runner = CliRunner()
-    result = runner.invoke(app, ["--profile", "dev-test", "--json", "--limit", "3"])
+    # The command runs its own event loop, so it runs in a thread while the emulator serves.
+    result = await asyncio.to_thread(
+        runner.invoke, app, ["--profile", "dev-test", "--json", "--limit", "3"]
+    )
     assert result.exit_code == 0, result.output
     listing = json.loads(result.output)
     assert len(listing["ranked"]) == 3
     assert listing["profile"]["name"] == "dev-test"
-    table = runner.invoke(app, ["--profile", "dev-test"])
+    table = await asyncio.to_thread(runner.invoke, app, ["--profile", "dev-test"])
     assert table.exit_code == 0, table.output
     assert "fit profile dev-test" in table.output
     assert "rejected" in table.output

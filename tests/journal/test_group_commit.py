@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from journal import EventStore, NewEvent, ProjectionFailed, VersionConflict
+from journal.writer import encode_request
 from journal_testkit import FailingOn, StreamCounter, fold_counts, read_counts
 
 
@@ -125,3 +127,35 @@ async def test_close_commits_queued_appends(tmp_path):
     assert all(task.done() and not task.exception() for task in pending)
     async with await EventStore.open(path) as reopened:
         assert await reopened.last_seq() == 10
+
+
+async def test_writer_sees_other_connection_appends(tmp_path):
+    """The writer's cached stream versions and tail are re-read after another store commits."""
+    path = tmp_path / "journal.db"
+    async with await EventStore.open(path) as first, await EventStore.open(path) as second:
+        await first.append("job-1", [NewEvent("A", {})], expected_version=0)
+        await second.append("job-1", [NewEvent("B", {})], expected_version=1)
+        await second.append("job-2", [NewEvent("C", {})], expected_version=0)
+
+        with pytest.raises(VersionConflict) as caught:
+            await first.append("job-1", [NewEvent("D", {})], expected_version=1)
+        assert caught.value.actual == 2
+        recorded = await first.append("job-1", [NewEvent("D", {})], expected_version=2)
+        assert (recorded[0].seq, recorded[0].version) == (4, 3)
+        assert await first.stream_version("job-2") == 1
+        assert (await first.verify()).ok
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"b": 1, "a": "x", "c": None, "d": True, "e": 1.5, "f": -0.0},
+        {"nested": {"z": 1, "a": [1, 2]}, "t": (1, 2)},
+        {"k": 10**30, "u": "\u00e9"},
+    ],
+)
+def test_encoded_data_equals_parsed_json(data):
+    encoded = encode_request("job-1", [NewEvent("A", data)], 0).events[0]
+    parsed = json.loads(encoded.data_json)
+    assert encoded.data == parsed
+    assert list(encoded.data) == list(parsed)

@@ -9,7 +9,9 @@ import sqlite3
 import pytest
 
 from journal import CorruptJournal, EventStore, NewEvent, verify_file
-from journal.encoding import GENESIS_HASH, canonical_json, chain_hash
+from journal.encoding import (
+    GENESIS_HASH, canonical_json, chain_hash, hash_encoded_row, json_string, json_time,
+)
 
 
 async def make_journal(path, count: int = 5) -> None:
@@ -150,6 +152,17 @@ def test_chain_hash_matches_documented_encoding():
 
     assert data_json == '{"a":"\\u00e9","b":1}'
     assert chain_hash(*fields[:6], data_json, fields[6]) == expected
+
+
+@pytest.mark.parametrize(
+    ("stream", "event_type", "recorded_at"),
+    [('job "1"\n', "Ticked", 1700000000.25), ("j\u00f6b-\u4e2d", "T\u00e9", 0.1), ("x", "Y", 1e-7)],
+)
+def test_writer_hash_equals_chain_hash(stream, event_type, recorded_at):
+    data_json = canonical_json({"n": 1})
+    fast = hash_encoded_row("f" * 64, 7, json_string(stream), 3, json_string(event_type), 2,
+                            json_time(recorded_at), data_json)
+    assert fast == chain_hash("f" * 64, 7, stream, 3, event_type, 2, data_json, recorded_at)
 
 
 async def test_stored_hashes_chain_from_genesis(tmp_path):

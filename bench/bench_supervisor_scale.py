@@ -1,0 +1,174 @@
+"""Supervisor cost per tick with thousands of running jobs against the emulator.
+
+The emulator runs in its own process (so its work is not counted), with instances that run no
+command; the workers' heartbeats are fed to the supervisor's report handler in-process between
+ticks. Measured per steady tick: CPU time of the supervisor process, wall time, API calls, and
+jobs that needed a step; plus the resident memory of the process.
+
+    python bench/bench_supervisor_scale.py --jobs 10000 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpujobs import events as ev
+from gpujobs.jobspec import JobSpec
+from gpujobs.limits import Limits
+from gpujobs.profiles import Profile, gpu_names_for
+from gpujobs.settings import load_settings
+from gpujobs.supervisor.core import Supervisor
+from gpujobs.supervisor.reporting import handle_report
+from gpujobs.vast.client import VastClient
+from gpujobs.vast.transport import DEFAULT_MIN_INTERVAL_S
+from worker.protocol import Report, ReportKind
+
+EMULATOR_SCRIPT = """
+import asyncio, signal, sys
+from gpujobs.emulator import Emulator
+async def main():
+    emulator = Emulator(seed=1, api_key="bench-key", loading_s=0.0, rate_limits=False,
+                        offers_per_gpu=int(sys.argv[1]), workdir=__import__("pathlib").Path(sys.argv[2]))
+    url = await emulator.start()
+    print(url, flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await emulator.stop()
+asyncio.run(main())
+"""
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class CountingClient(VastClient):
+    calls = 0
+
+    async def _call(self, method, path, **kwargs):  # type: ignore[no-untyped-def]
+        CountingClient.calls += 1
+        return await super()._call(method, path, **kwargs)
+
+
+def bench_profile() -> Profile:
+    return Profile(name="bench", gpu_names=gpu_names_for("RTX"), num_gpus=1, max_dph=100.0,
+                   reliability_min=0.0, max_duration_hours=1000.0)
+
+
+async def submit_all(sup: Supervisor, count: int) -> list[str]:
+    profile = bench_profile()
+    spec = JobSpec(name="bench", profile="bench", command="", total_steps=10**9).to_dict()
+    job_ids = [f"bench-{i:05d}" for i in range(count)]
+
+    async def one(job_id: str) -> None:
+        event = ev.JobSubmitted(job_id=job_id, name="bench", team="t", project="p",
+                                profile_name="bench", profile=profile.to_dict(), spec=spec)
+        await sup.store.append(job_id, [event.to_new_event()], expected_version=0)
+
+    for start in range(0, count, 500):
+        await asyncio.gather(*(one(j) for j in job_ids[start:start + 500]))
+    await sup.table.catch_up()
+    return job_ids
+
+
+async def heartbeat_all(sup: Supervisor, job_ids: list[str], step: int,
+                        kind: ReportKind) -> None:
+    for job_id in job_ids:
+        job = sup.table.jobs[job_id]
+        if job["state"] not in ("provisioning", "running"):
+            continue
+        await handle_report(sup, Report(job_id=job_id, attempt=int(job["attempt"]), kind=kind,
+                                        step=step, total_steps=10**9, sent_at=time.time()))
+
+
+async def run_case(jobs: int, steady_ticks: int) -> dict[str, float]:
+    home = Path(tempfile.mkdtemp(prefix="gpujobs-scale-"))
+    emulator = subprocess.Popen(
+        [sys.executable, "-c", EMULATOR_SCRIPT, str(jobs * 7 // 10 + 300), str(home / "emu")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    url = emulator.stdout.readline().strip()  # type: ignore[union-attr]
+    settings = load_settings(home=home).replace(
+        tick_s=5.0, cost_interval_s=600.0, heartbeat_timeout_s=600.0, sweep_pages_per_tick=4,
+        offer_search_limit=2000,
+    )
+    client = CountingClient(api_key="bench-key", base_url=url,
+                            min_interval_s={k: 0.0 for k in DEFAULT_MIN_INTERVAL_S})
+    sup = Supervisor(settings, client)
+    sup.limits = Limits()  # the shipped limits.yaml caps instances far below this scale
+    try:
+        await sup.start()
+        rss_empty = rss_mib()
+        job_ids = await submit_all(sup, jobs)
+        ramp_started = time.monotonic()
+        while sum(1 for j in job_ids if sup.table.jobs[j]["instance_id"]) < jobs:
+            await sup.tick()
+            for job_id in job_ids:  # offers ran out this tick: no backoff in a benchmark
+                sup.table.runtime_for(job_id).backoff_until = 0.0
+            if time.monotonic() - ramp_started > 900:
+                raise TimeoutError("ramp-up took more than 15 minutes")
+        await heartbeat_all(sup, job_ids, 1, ReportKind.STARTED)
+        ramp_s = time.monotonic() - ramp_started
+        cpu, wall, calls, stepped = [], [], [], []
+        for tick in range(steady_ticks):
+            await heartbeat_all(sup, job_ids, 2 + tick, ReportKind.HEARTBEAT)
+            before_calls = CountingClient.calls
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            await sup.tick()
+            cpu.append(time.process_time() - cpu_start)
+            wall.append(time.perf_counter() - wall_start)
+            calls.append(CountingClient.calls - before_calls)
+            stepped.append(sup.jobs_stepped_last_tick)
+        running = sum(1 for j in job_ids if sup.table.jobs[j]["state"] == "running")
+        return {
+            "jobs": jobs, "running": running, "ramp_s": ramp_s,
+            "cpu_ms_per_tick": statistics.median(cpu) * 1000,
+            "cpu_ms_max": max(cpu) * 1000,
+            "wall_ms_per_tick": statistics.median(wall) * 1000,
+            "api_calls_per_tick": statistics.median(calls),
+            "jobs_stepped_per_tick": statistics.median(stepped),
+            "rss_mib": rss_mib(), "rss_empty_mib": rss_empty,
+            "sweep_ticks": jobs / 25 / settings.sweep_pages_per_tick,
+        }
+    finally:
+        await sup.stop()
+        await client.close()
+        emulator.terminate()
+        emulator.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--ticks", type=int, default=8)
+    args = parser.parse_args()
+    results = [asyncio.run(run_case(n, args.ticks)) for n in args.jobs]
+    print("| jobs running | CPU ms/tick (median, max) | wall ms/tick | API calls/tick "
+          "| jobs stepped/tick | RSS MiB (before jobs) | ramp-up s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['running']:,} | {r['cpu_ms_per_tick']:.1f}, {r['cpu_ms_max']:.1f} "
+              f"| {r['wall_ms_per_tick']:.1f} | {r['api_calls_per_tick']:.0f} "
+              f"| {r['jobs_stepped_per_tick']:.0f} | {r['rss_mib']:.0f} "
+              f"({r['rss_empty_mib']:.0f}) | {r['ramp_s']:.0f} |")
+    print(json.dumps(results), file=sys.stderr)
+    os.environ.pop("GPUJOBS_HOME", None)
+
+
+if __name__ == "__main__":
+    main()
