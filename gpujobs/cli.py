@@ -24,12 +24,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 from gpujobs import cli_cost, cli_offers  # noqa: E402  (commands that live in their own module)
 from gpujobs.cli_audit import audit_app  # noqa: E402
+from gpujobs.cli_data import data_app  # noqa: E402
+from gpujobs.cli_logs import logs  # noqa: E402
 from gpujobs.cli_profiles import profiles_app  # noqa: E402
 
 app.add_typer(audit_app, name="audit")
 app.add_typer(profiles_app, name="profiles")
 app.command("offers")(cli_offers.offers)
 app.command("cost-report")(cli_cost.cost_report)
+app.command("logs")(logs)
+app.add_typer(data_app, name="data")
 out = Console()
 EXIT_USAGE = 2
 

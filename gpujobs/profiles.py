@@ -23,8 +23,8 @@ KNOWN_GPU_NAMES = (
 
 PROFILE_KEYS = {
     "gpu_name", "num_gpus", "max_dph", "reliability_min", "max_duration_hours", "interruptible",
-    "bid_margin", "extra_filters", "disk_gb", "image", "on_preemption", "max_restarts",
-    "loading_timeout_s", "description",
+    "bid_margin", "extra_filters", "disk_gb", "image", "on_preemption", "resume_wait_s",
+    "max_restarts", "loading_timeout_s", "description",
 }
 
 
@@ -41,7 +41,10 @@ class Profile:
     extra_filters: str = ""  # vastai CLI query language, e.g. "inet_down>200 cuda_vers>=12.1"
     disk_gb: float = 10.0
     image: str = "gpujobs/worker:latest"
-    on_preemption: str = "migrate"  # when outbid: migrate to a new offer, or rebid up to max_dph
+    # When outbid: migrate to a new offer, rebid up to max_dph, or wait for the same host to
+    # resume the instance; rebid and wait fall back to migrate after resume_wait_s.
+    on_preemption: str = "migrate"
+    resume_wait_s: float = 600.0
     max_restarts: int = 3  # restarts after worker errors; preemptions are not counted
     loading_timeout_s: float = 900.0
     description: str = ""
@@ -75,7 +78,7 @@ def gpu_names_for(spelled: str) -> tuple[str, ...]:
     return (name,)
 
 
-ON_PREEMPTION_CHOICES = ("migrate", "rebid")
+ON_PREEMPTION_CHOICES = ("migrate", "rebid", "wait")
 ENVIRONMENT_KEYS = {"profiles", "description"}
 
 
@@ -108,6 +111,8 @@ def parse_profile(name: str, mapping: Located, base: Profile | None = None) -> P
         image=_str(fields.string("image", required=False), old.image),
         on_preemption=fields.choice("on_preemption", ON_PREEMPTION_CHOICES,
                                     default=old.on_preemption),
+        resume_wait_s=_float(fields.number("resume_wait_s", required=False, minimum=0.0),
+                             old.resume_wait_s),
         max_restarts=_int(fields.integer("max_restarts", required=False, minimum=0),
                           old.max_restarts),
         loading_timeout_s=_float(fields.number("loading_timeout_s", required=False, minimum=1.0),
@@ -115,9 +120,9 @@ def parse_profile(name: str, mapping: Located, base: Profile | None = None) -> P
         description=_str(fields.string("description", required=False), old.description),
     )
     fields.reject_unknown(PROFILE_KEYS)
-    if profile.on_preemption == "rebid" and not profile.interruptible:
-        raise fields.fail("on_preemption", "rebid applies only to interruptible profiles; set "
-                          "interruptible: true or use migrate")
+    if profile.on_preemption in ("rebid", "wait") and not profile.interruptible:
+        raise fields.fail("on_preemption", f"{profile.on_preemption} applies only to "
+                          "interruptible profiles; set interruptible: true or use migrate")
     if profile.extra_filters:
         _check_filters(profile, mapping)
     return profile

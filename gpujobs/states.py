@@ -50,7 +50,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition("ProvisioningFailed", (S.PROVISIONING,), S.QUEUED),
     Transition("RecoveryDeferred", (S.PREEMPTED,), S.QUEUED),
     Transition("WorkerStarted", (S.PROVISIONING,), S.RUNNING),
-    Transition("JobResumed", (S.PROVISIONING,), S.RESUMED),
+    # From preempted when the same host resumed the instance (a wait or rebid policy).
+    Transition("JobResumed", (S.PROVISIONING, S.PREEMPTED), S.RESUMED),
     Transition("ProgressReported", (S.RESUMED,), S.RUNNING),
     Transition("CheckpointStarted", (S.RUNNING, S.RESUMED), S.CHECKPOINTING),
     Transition("CheckpointSaved", (S.CHECKPOINTING,), S.RUNNING),

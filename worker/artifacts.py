@@ -29,13 +29,14 @@ async def read_completion_marker(storage: Storage) -> CompletionMarker | None:
 
 async def write_final_artifacts(
     storage: Storage,
-    model_bytes: bytes,
+    model_bytes: bytes | None,
     metrics: dict[str, Any],
     marker: CompletionMarker,
     extra_objects: dict[str, bytes] | None = None,
 ) -> None:
-    """Store the final model, metrics and extra objects (logs), then the completion marker."""
-    await storage.put_bytes(FINAL_MODEL_KEY, model_bytes)
+    """Store the final model (unless None), metrics and extra objects (logs), then the marker."""
+    if model_bytes is not None:
+        await storage.put_bytes(FINAL_MODEL_KEY, model_bytes)
     await storage.put_bytes(FINAL_METRICS_KEY, json.dumps(metrics, sort_keys=True).encode())
     for key, data in (extra_objects or {}).items():
         await storage.put_bytes(key, data)

@@ -1,12 +1,16 @@
 """Checkpoint manager for training code: snapshot in memory, upload in the background.
 
-save() serializes the state at once, so training may change it right after save() returns.
-One upload runs at a time. A newer snapshot replaces a pending one whose upload has not begun.
+save() copies the state at once (tensors into CPU memory), so training may change it right
+after save() returns; serialization, hashing and upload run in the background. One upload runs
+at a time. A newer snapshot replaces a pending one whose upload has not begun.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import concurrent.futures
+import copy
 import io
 import logging
 import threading
@@ -30,12 +34,41 @@ DEFAULT_KEEP = 3
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A serialized state waiting for upload."""
+    """A state waiting for upload: serialized bytes, or a private copy to serialize later."""
 
     step: int
-    payload: bytes
+    payload: bytes | None
     taken_at: float
     payload_name: str = PAYLOAD_NAME
+    state: Any = None
+
+
+def copy_state(value: Any) -> Any:
+    """Copy a checkpoint state: tensors into new CPU memory, containers rebuilt, rest deep-copied.
+
+    NOTE: tensors that share storage (views) become independent copies.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        copied = {key: copy_state(item) for key, item in value.items()}
+        if not isinstance(value, collections.OrderedDict):
+            return copied
+        ordered = collections.OrderedDict(copied)
+        if hasattr(value, "_metadata"):  # module state_dict versions, used by load_state_dict
+            ordered._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+        return ordered
+    if isinstance(value, list):
+        return [copy_state(item) for item in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(copy_state(item) for item in value)
+    return copy.deepcopy(value)
+
+
+def serialize_state(state: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 class CheckpointManager:
@@ -79,14 +112,15 @@ class CheckpointManager:
             return self._last_error
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        """Snapshot state now and upload it in the background."""
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self.save_payload(step, buffer.getvalue())
+        """Copy state now; serialize it with torch.save and upload it in the background."""
+        self._enqueue(Snapshot(step, None, time.monotonic(), PAYLOAD_NAME, copy_state(state)))
 
     def save_payload(self, step: int, payload: bytes, payload_name: str = PAYLOAD_NAME) -> None:
         """Upload already serialized bytes in the background, as save() does."""
-        snapshot = Snapshot(step, payload, time.monotonic(), payload_name)
+        self._enqueue(Snapshot(step, payload, time.monotonic(), payload_name))
+
+    def _enqueue(self, snapshot: Snapshot) -> None:
+        step = snapshot.step
         with self._lock:
             if self._in_flight is None:
                 self._start_upload(snapshot)
@@ -145,9 +179,10 @@ class CheckpointManager:
 
     async def _upload(self, snapshot: Snapshot) -> CheckpointRef:
         started = time.monotonic()
-        ref = await write_checkpoint(
-            self.storage, snapshot.step, snapshot.payload, snapshot.payload_name
-        )
+        payload = snapshot.payload
+        if payload is None:
+            payload = await asyncio.to_thread(serialize_state, snapshot.state)
+        ref = await write_checkpoint(self.storage, snapshot.step, payload, snapshot.payload_name)
         self.last_upload_s = time.monotonic() - started
         logger.info(
             "checkpoint at step %d durable at %s (%d bytes, %.2f s)",

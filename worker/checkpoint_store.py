@@ -14,6 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from worker.errors import CheckpointError
 from worker.protocol import (
     CHECKPOINTS_DIR,
     MANIFEST_NAME,
@@ -99,6 +100,18 @@ async def load_latest_checkpoint(
                 "skipping checkpoint at step %d (%s): %s", stored.step, stored.folder, exc
             )
     return None
+
+
+async def load_checkpoint_at(storage: Storage, step: int) -> tuple[CheckpointRef, bytes]:
+    """Return the checkpoint at step and its verified payload; raises CheckpointError.
+
+    Ranks other than 0 call this with the step rank 0 chose, so all restore the same one.
+    """
+    stored = StoredCheckpoint(step, checkpoint_prefix(step))
+    try:
+        return await _verify(storage, stored, verify_payload=True)
+    except InvalidCheckpointData as exc:
+        raise CheckpointError(f"checkpoint at step {step} in {storage.uri} is invalid: {exc}") from exc
 
 
 async def _verify(

@@ -36,6 +36,8 @@ class WorkerConfig:
     seed: int = 0
     checkpoint_dir: str | None = None
     device: str | None = None
+    num_gpus: int = 1
+    log_upload_interval_s: float = 10.0
 
     def __repr__(self) -> str:  # keeps the token out of logs and tracebacks
         return f"WorkerConfig(job_id={self.job_id!r}, attempt={self.attempt})"
@@ -60,6 +62,10 @@ class WorkerConfig:
             seed=_number(env, protocol.ENV_SEED, int, 0, minimum=0),
             checkpoint_dir=env.get(ENV_CHECKPOINT_DIR) or None,
             device=env.get(ENV_DEVICE) or None,
+            num_gpus=_number(env, protocol.ENV_NUM_GPUS, int, 1, minimum=1),
+            log_upload_interval_s=_number(
+                env, protocol.ENV_LOG_UPLOAD_INTERVAL_S, float, 10.0, minimum=0.1
+            ),
         )
         if config.report_mode not in ("", "http", "mailbox"):
             raise ConfigError(

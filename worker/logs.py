@@ -18,7 +18,8 @@ class LogCapture(logging.Handler):
         super().__init__()
         self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
         self._dropped = 0
-        self._lines_lock = threading.Lock()
+        # Reentrant: the SIGTERM handler logs, and may run while this thread is in emit().
+        self._lines_lock = threading.RLock()
 
     def emit(self, record: logging.LogRecord) -> None:
         line = self.format(record)
@@ -34,15 +35,23 @@ class LogCapture(logging.Handler):
                 self._dropped += 1
             self._lines.append(line)
 
+    def line_count(self) -> int:
+        """Lines captured so far, dropped ones included; grows with every line."""
+        with self._lines_lock:
+            return self._dropped + len(self._lines)
+
     def text(self) -> str:
         with self._lines_lock:
             header = [f"[{self._dropped} earlier lines dropped]"] if self._dropped else []
             return "\n".join([*header, *self._lines]) + "\n"
 
 
-def setup_logging(level: int = logging.INFO) -> LogCapture:
-    """Send worker logs to stdout and return the capture that keeps a copy for upload."""
-    formatter = logging.Formatter(LOG_FORMAT)
+def setup_logging(level: int = logging.INFO, prefix: str = "") -> LogCapture:
+    """Send worker logs to stdout and return the capture that keeps a copy for upload.
+
+    prefix starts every line, e.g. "[rank 1] " for a rank other than 0 under torchrun.
+    """
+    formatter = logging.Formatter(prefix + LOG_FORMAT)
     stdout = logging.StreamHandler(sys.stdout)
     stdout.setFormatter(formatter)
     capture = LogCapture()

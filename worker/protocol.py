@@ -26,6 +26,11 @@ ENV_KEEP_CHECKPOINTS = "GPUJOBS_KEEP_CHECKPOINTS"
 ENV_GRACE_PERIOD_S = "GPUJOBS_GRACE_PERIOD_S"  # time the worker may spend on an emergency checkpoint
 ENV_STEP_DELAY_S = "GPUJOBS_STEP_DELAY_S"  # optional pause per step, to make demos watchable
 ENV_SEED = "GPUJOBS_SEED"
+ENV_NUM_GPUS = "GPUJOBS_NUM_GPUS"  # the profile's num_gpus; above 1, training runs under torchrun
+ENV_MODEL_URI = "GPUJOBS_MODEL_URI"  # batch inference: object URI of the model to load
+ENV_DATASET_URI = "GPUJOBS_DATASET_URI"  # a dataset pushed with `gpujobs data push`
+ENV_CACHE_DIR = "GPUJOBS_CACHE_DIR"  # local dataset cache; default ~/.cache/gpujobs
+ENV_LOG_UPLOAD_INTERVAL_S = "GPUJOBS_LOG_UPLOAD_INTERVAL_S"  # seconds between log uploads
 
 # Report endpoint, relative to ENV_SUPERVISOR_URL.
 REPORT_PATH = "/v1/jobs/{job_id}/reports"
@@ -46,6 +51,9 @@ COMPLETION_MARKER = "COMPLETED.json"
 MAILBOX_KEY = "mailbox/report.json"
 MANIFEST_NAME = "manifest.json"
 PAYLOAD_NAME = "payload.pt"
+OUTPUTS_DIR = "outputs"  # batch inference results, one object per input shard
+# Datasets live beside the jobs, under the artifact root: <root>/datasets/<sha256>/.
+DATASETS_DIR = "datasets"
 
 
 def checkpoint_prefix(step: int) -> str:
@@ -59,6 +67,10 @@ def attempt_log_key(attempt: int) -> str:
 
 def attempt_metrics_key(attempt: int) -> str:
     return f"{METRICS_DIR}/attempt-{attempt}.jsonl"
+
+
+def shard_output_key(shard: int) -> str:
+    return f"{OUTPUTS_DIR}/shard-{shard}.json"
 
 
 class ReportKind(enum.StrEnum):

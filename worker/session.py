@@ -6,6 +6,7 @@ stop() or complete() at the end. Each returns the process exit code where it end
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -56,6 +57,7 @@ class WorkerSession:
             on_durable=self.reporter.checkpoint_saved,
         )  # fmt: skip
         self.metrics_lines: list[str] = []
+        self._attempt_files_lock = asyncio.Lock()
 
     def preflight(self) -> None:
         """Check the storage works; raises StorageUnavailable in seconds if it does not."""
@@ -71,17 +73,26 @@ class WorkerSession:
             self.reporter.update(step=restored[0].step)
         return restored
 
-    def started(self, step: int, resumed_from: CheckpointRef | None) -> None:
+    def started(
+        self, step: int, resumed_from: CheckpointRef | None, total_steps: int | None = None
+    ) -> None:
+        """Report the start, then begin heartbeats and the periodic log upload.
+
+        total_steps overrides the configured length (batch inference counts shards).
+        """
+        total_steps = total_steps or self.config.total_steps
         self.reporter.report(
             ReportKind.STARTED,
             step=step,
+            total_steps=total_steps,
             resumed_from_step=resumed_from.step if resumed_from else None,
             last_checkpoint=resumed_from,
         )
         self.reporter.start_heartbeats()
+        self.loop.submit(self._upload_attempt_files_periodically())
         logger.info(
             "job %s attempt %d started at step %d of %d (%s)",
-            self.config.job_id, self.config.attempt, step, self.config.total_steps,
+            self.config.job_id, self.config.attempt, step, total_steps,
             f"resumed from step {resumed_from.step}" if resumed_from else "fresh start",
         )  # fmt: skip
 
@@ -112,8 +123,11 @@ class WorkerSession:
         self.reporter.flush(max(self.preemption.remaining_grace_s(), 0.5))
         return protocol.EXIT_PREEMPTED
 
-    def complete(self, step: int, model_bytes: bytes, metrics: dict[str, float]) -> int:
-        """Store the final artifacts and the completion marker last, then report COMPLETED."""
+    def complete(self, step: int, model_bytes: bytes | None, metrics: dict[str, float]) -> int:
+        """Store the final artifacts and the completion marker last, then report COMPLETED.
+
+        model_bytes None stores no final/model.pt (batch inference writes outputs instead).
+        """
         self.checkpoints.wait_durable(FINAL_UPLOAD_TIMEOUT_S)
         marker = CompletionMarker(
             job_id=self.config.job_id, attempt=self.config.attempt, step=step,
@@ -123,11 +137,15 @@ class WorkerSession:
             "job %s attempt %d completed at step %d: %s",
             self.config.job_id, self.config.attempt, step, _format_metrics(metrics),
         )  # fmt: skip
-        extra = {self._metrics_key(): self._metrics_bytes(), self._log_key(): self._log_bytes()}
-        self.loop.run(
-            write_final_artifacts(self.storage, model_bytes, metrics, marker, extra),
-            FINAL_UPLOAD_TIMEOUT_S,
-        )
+        async def write() -> None:
+            async with self._attempt_files_lock:  # after any periodic upload of the log
+                extra = {
+                    self._metrics_key(): self._metrics_bytes(),
+                    self._log_key(): self._log_bytes(),
+                }
+                await write_final_artifacts(self.storage, model_bytes, metrics, marker, extra)
+
+        self.loop.run(write(), FINAL_UPLOAD_TIMEOUT_S)
         self.reporter.report(ReportKind.COMPLETED, step=step, metrics=metrics)
         self.reporter.flush(10)
         return protocol.EXIT_OK
@@ -184,14 +202,26 @@ class WorkerSession:
 
     def upload_attempt_files(self, timeout_s: float) -> None:
         """Upload this attempt's metrics and log; storage errors and timeouts are only logged."""
-        async def upload() -> None:
+        try:
+            self.loop.run(self._upload_attempt_files(), timeout_s)
+        except TimeoutError:
+            logger.warning("attempt log and metrics not uploaded within %.1f s", timeout_s)
+
+    async def _upload_attempt_files(self) -> None:
+        # The lock keeps uploads in order, so an older copy never replaces a newer one.
+        async with self._attempt_files_lock:
             await self._put_quietly(self._metrics_key(), self._metrics_bytes())
             await self._put_quietly(self._log_key(), self._log_bytes())
 
-        try:
-            self.loop.run(upload(), timeout_s)
-        except TimeoutError:
-            logger.warning("attempt log and metrics not uploaded within %.1f s", timeout_s)
+    async def _upload_attempt_files_periodically(self) -> None:
+        """Upload the log and metrics every log_upload_interval_s while the attempt runs."""
+        uploaded_size = -1
+        while True:
+            await asyncio.sleep(self.config.log_upload_interval_s)
+            size = len(self.metrics_lines) + (self.capture.line_count() if self.capture else 0)
+            if size != uploaded_size:
+                uploaded_size = size
+                await self._upload_attempt_files()
 
     async def _put_quietly(self, key: str, data: bytes) -> None:
         try:

@@ -83,14 +83,30 @@ def configure_determinism(seed: int, device: torch.device) -> None:
 
 
 class DigitsTrainer:
-    """Model, optimizer, scheduler and data position; state() and load_state() round-trip."""
+    """Model, optimizer, scheduler and data position; state() and load_state() round-trip.
 
-    def __init__(self, data: DigitsData, total_steps: int, seed: int, device: torch.device):
+    With world_size > 1, every rank walks the same batch order and trains on the slice
+    batch[rank::world_size], so the data position is the same on every rank and in every
+    checkpoint; set `network` to the DistributedDataParallel wrapper of `model`.
+    """
+
+    def __init__(
+        self,
+        data: DigitsData,
+        total_steps: int,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.data = data
+        self.rank = rank
+        self.world_size = world_size
         self.total_steps = total_steps
         self.seed = seed
         self.device = device
         self.model = build_model().to(device)
+        self.network: nn.Module = self.model  # what the forward pass runs through
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=total_steps
@@ -114,10 +130,11 @@ class DigitsTrainer:
     def train_step(self) -> float:
         """Train on the next batch; return its loss."""
         start = self.batch_index * BATCH_SIZE
-        indices = self._epoch_order()[start : start + BATCH_SIZE].to(self.device)
-        self.model.train()
+        batch = self._epoch_order()[start : start + BATCH_SIZE]
+        indices = batch[self.rank :: self.world_size].to(self.device)
+        self.network.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(self.data.x_train[indices]), self.data.y_train[indices])
+        loss = self.loss_fn(self.network(self.data.x_train[indices]), self.data.y_train[indices])
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
@@ -150,7 +167,12 @@ class DigitsTrainer:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore state(); raises KeyError, ValueError or RuntimeError if it does not fit."""
+        """Restore state(); raises KeyError, ValueError or RuntimeError if it does not fit.
+
+        A checkpoint of several ranks keeps each rank's generator states under "rank_rng".
+        This rank restores its own; with another world size it restores rank 0's, so the
+        run continues correctly but not bitwise like an uninterrupted one.
+        """
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown checkpoint format {state.get('format')!r}")
         if state["data"]["seed"] != self.seed:
@@ -160,7 +182,11 @@ class DigitsTrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        rank_states = state.get("rank_rng") or []
+        if self.world_size > 1 and len(rank_states) == self.world_size:
+            restore_rng_state(rank_states[self.rank])
+        else:
+            restore_rng_state(state["rng"])
         self.step = int(state["step"])
         self.epoch = int(state["data"]["epoch"])
         self.batch_index = int(state["data"]["batch_index"])

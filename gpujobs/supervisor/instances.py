@@ -43,6 +43,7 @@ def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, 
         protocol.ENV_STEP_DELAY_S: str(spec["step_delay_s"]),
         protocol.ENV_HEARTBEAT_INTERVAL_S: str(spec["heartbeat_interval_s"]),
         protocol.ENV_SEED: str(spec["seed"]),
+        protocol.ENV_NUM_GPUS: str(job["profile"].get("num_gpus", 1)),
     })
     if sup.settings.report_mode == "mailbox":
         env["GPUJOBS_REPORT_MODE"] = "mailbox"

@@ -337,8 +337,6 @@ async def _watch_running(sup: Supervisor, job_id: str, instance: Instance | None
     now = time.time()
     if found is not None and (instance is not None or found.complete):
         lost = _loss_reason(instance)
-        if lost == "outbid" and instance is not None and await _rebid(sup, job_id, instance):
-            return
         if lost is not None:
             await _preemption(sup, job_id, instance, lost)
             return
@@ -357,21 +355,43 @@ async def _watch_running(sup: Supervisor, job_id: str, instance: Instance | None
         ])
 
 
-async def _rebid(sup: Supervisor, job_id: str, instance: Instance) -> bool:
-    """Raise the bid within the profile's cap when its policy says so; True if it did."""
-    profile = Profile.from_dict(sup.table.jobs[job_id]["profile"])
+async def _wait_for_same_host(sup: Supervisor, job_id: str, instance: Instance | None) -> bool:
+    """For an outbid instance under a rebid or wait policy: True while it may still come back.
+
+    Vast.ai resumes an outbid instance on the same machine once it regains priority, with its
+    disk intact; a rebid asks for that at once. Past resume_wait_s the job migrates.
+    """
+    job = sup.table.jobs[job_id]
+    profile = Profile.from_dict(job["profile"])
+    if profile.on_preemption not in ("rebid", "wait") or instance is None:
+        return False
+    if not (instance.is_outbid or job["reason"] in ("outbid", "sigterm")):
+        return False  # lost for another reason (offline, exited): no point waiting
+    runtime = sup.table.runtime_for(job_id)
+    waited_s = time.time() - (runtime.preempted_at or time.time())
+    if waited_s > profile.resume_wait_s:
+        log.info("job %s: instance %d did not resume within %.0f s; migrating", job_id,
+                 instance.id, profile.resume_wait_s)
+        return False
+    state = runtime.attempt(int(job["attempt"]))
+    if profile.on_preemption == "rebid" and not state.rebid_sent and instance.is_outbid:
+        await _rebid(sup, job_id, profile, instance)
+        state.rebid_sent = True
+    return True
+
+
+async def _rebid(sup: Supervisor, job_id: str, profile: Profile, instance: Instance) -> None:
     action, price = outbid_action(profile, instance)
     if action != "rebid" or price is None:
-        return False
+        return
     try:
         await sup.client.change_bid(instance.id, price)
     except vast_errors.VastError as exc:
         log.warning("job %s: rebid of instance %d at $%.4f/h failed: %s", job_id, instance.id,
                     price, exc)
-        return False
+        return
     log.info("job %s: outbid; raised the bid on instance %d to $%.4f/h", job_id, instance.id,
              price)
-    return True
 
 
 def _loss_reason(instance: Instance | None) -> str | None:
@@ -407,6 +427,8 @@ async def _recover(sup: Supervisor, job_id: str, instance: Instance | None,
     row = sup.table.attempt_row(job_id)
     if row is not None and row["status"] in (CREATED, DESTROY_REQUESTED):
         if found is None:
+            return
+        if row["status"] == CREATED and await _wait_for_same_host(sup, job_id, instance):
             return
         if instance is not None and instance.actual_status in ("running", "loading"):
             # The worker may still be writing its emergency checkpoint; let it finish.

@@ -75,11 +75,12 @@ def derive_events(job: dict, report: Report) -> list[ev.JobEvent]:
         out.append(event)
 
     resumed_from = int(job["resumed_from_step"] or 0)
-    if state is S.PROVISIONING:
-        if report.resumed_from_step:
+    same_host_back = state is S.PREEMPTED and report.kind is ReportKind.STARTED
+    if state is S.PROVISIONING or same_host_back:
+        if report.resumed_from_step or same_host_back:
             uri = report.last_checkpoint.uri if report.last_checkpoint else None
-            add(ev.JobResumed(attempt, report.resumed_from_step, uri))
-            resumed_from = report.resumed_from_step
+            add(ev.JobResumed(attempt, report.resumed_from_step or 0, uri))
+            resumed_from = report.resumed_from_step or 0
         else:
             add(ev.WorkerStarted(attempt, report.step))
     if state is S.RESUMED and report.step > resumed_from:

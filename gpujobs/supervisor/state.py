@@ -36,6 +36,7 @@ class AttemptRuntime:
     storage_dph: float = 0.0
     status_msg: str | None = None  # last status message seen, to tell a slow load from a stuck one
     status_changed_at: float = field(default_factory=time.time)
+    rebid_sent: bool = False
 
 
 @dataclass

@@ -24,7 +24,7 @@ profiles:
 """
 KEYS = ("bid_margin, description, disk_gb, extra_filters, gpu_name, image, interruptible, "
         "loading_timeout_s, max_dph, max_duration_hours, max_restarts, num_gpus, on_preemption, "
-        "reliability_min")
+        "reliability_min, resume_wait_s")
 
 
 def write(tmp_path: Path, text: str, name: str = "gpu_profiles.yaml") -> Path:
@@ -59,8 +59,11 @@ ERROR_CASES = [
      "4: profile 'small': num_gpus: must be at most 64, got 65"),
     ("not a boolean", BASE + "    interruptible: maybe\n",
      "8: profile 'small': interruptible: expected true or false, got str 'maybe'"),
-    ("bad choice", BASE + "    on_preemption: wait\n",
-     "8: profile 'small': on_preemption: expected one of migrate, rebid, got str 'wait'"),
+    ("bad choice", BASE + "    on_preemption: pause\n",
+     "8: profile 'small': on_preemption: expected one of migrate, rebid, wait, got str 'pause'"),
+    ("wait needs interruptible", BASE + "    on_preemption: wait\n",
+     "8: profile 'small': on_preemption: wait applies only to interruptible profiles; set "
+     "interruptible: true or use migrate"),
     ("rebid on demand", BASE + "    on_preemption: rebid\n",
      "8: profile 'small': on_preemption: rebid applies only to interruptible profiles; "
      "set interruptible: true or use migrate"),

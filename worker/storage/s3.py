@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,7 +31,10 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_PART_SIZE_BYTES = 8 * MIB
-DEFAULT_PARTS_IN_FLIGHT = 4
+# Parts uploaded at once. boto3's upload_file uses 10 threads; fewer left a local server idle.
+DEFAULT_PARTS_IN_FLIGHT = 10
+# Connections beyond the parts in flight, so small requests do not queue behind parts.
+SPARE_CONNECTIONS = 2
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _AUTH_CODES = {
     "AccessDenied",
@@ -73,12 +77,13 @@ class S3Storage:
         self.parts_in_flight = parts_in_flight
         self.multipart_threshold_bytes = multipart_threshold_bytes or part_size_bytes
         self.page_size = page_size
-        self._session = aioboto3.Session(profile_name=profile, region_name=region)
+        self._session = _shared_session(profile, region)
         self._config = Config(
             s3={"addressing_style": "path" if path_style else "auto"},
             connect_timeout=connect_timeout_s,
             read_timeout=read_timeout_s,
             retries={"max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=parts_in_flight + SPARE_CONNECTIONS,
         )
         self._client_context: Any = None
         self._client: Any = None
@@ -277,6 +282,12 @@ class S3Storage:
                 "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the bucket policy"
             )
         return StorageError(f"S3 {action} {where} failed: {code} {message}".rstrip())
+
+
+@functools.cache
+def _shared_session(profile: str | None, region: str | None) -> aioboto3.Session:
+    """One session per profile and region, so each new client reuses the loaded service model."""
+    return aioboto3.Session(profile_name=profile, region_name=region)
 
 
 def _read_range(path: Path, offset: int, length: int) -> bytes:
