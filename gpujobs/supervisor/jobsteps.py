@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gpujobs import events as ev
-from gpujobs.offers import outbid_action, rank_offers
+from gpujobs.offers import RankedOffer, outbid_action, rank_offers
 from gpujobs.profiles import Profile, offer_query
 from gpujobs.projections import (
     CREATE_FAILED, CREATED, DESTROY_REQUESTED, DESTROYED, REQUESTED, WORKER_ERROR,
@@ -17,7 +17,7 @@ from gpujobs.supervisor import budget_guard
 from gpujobs.supervisor import instances as inst
 from gpujobs.supervisor.state import JobTable
 from gpujobs.vast import errors as vast_errors
-from gpujobs.vast.records import Instance, Offer
+from gpujobs.vast.records import Instance
 
 if TYPE_CHECKING:
     from gpujobs.supervisor.core import Supervisor
@@ -68,7 +68,7 @@ def needs_step(sup: Supervisor, job_id: str, found: InstanceView | None, now: fl
 
 
 async def step_job(sup: Supervisor, job_id: str, found: InstanceView | None,
-                   offers_cache: dict[str, list[Offer]]) -> None:
+                   offers_cache: dict[str, list[RankedOffer]]) -> None:
     job = sup.table.jobs[job_id]
     state = JobState(job["state"])
     instance = None if found is None else found.get((job_id, int(job["attempt"])))
@@ -183,7 +183,8 @@ async def _ensure_no_live_instance(sup: Supervisor, job_id: str,
     return not live
 
 
-async def _provision(sup: Supervisor, job_id: str, offers_cache: dict[str, list[Offer]]) -> None:
+async def _provision(sup: Supervisor, job_id: str,
+                     offers_cache: dict[str, list[RankedOffer]]) -> None:
     runtime = sup.table.runtime_for(job_id)
     if time.time() < runtime.backoff_until:
         if runtime.wait_reason is None:
@@ -209,7 +210,7 @@ async def _restarts_spent(sup: Supervisor, job_id: str) -> bool:
 
 
 async def _provision_next(sup: Supervisor, job_id: str,
-                          offers_cache: dict[str, list[Offer]]) -> None:
+                          offers_cache: dict[str, list[RankedOffer]]) -> None:
     if await budget_guard.admission(sup, job_id) is not None:
         return
     job = sup.table.jobs[job_id]
@@ -219,17 +220,13 @@ async def _provision_next(sup: Supervisor, job_id: str,
     if blocked is not None:
         runtime.wait_reason = blocked
         return
-    offers = await _search(sup, profile, offers_cache)
-    if offers is None:
+    ranked = await _ranked_offers(sup, profile, offers_cache)
+    if ranked is None:
         runtime.backoff_until = time.time() + 10.0
         runtime.wait_reason = "offer search failed; retrying"
         return
-    excluded = dict(await sup.failed_hosts())
-    excluded.update({host: "failed this job before" for host in _failed_hosts(sup, job_id)})
-    ranked, _ = rank_offers(
-        offers, profile, excluded_hosts=excluded, taken_offer_ids=sup.taken_offer_ids,
-    )
-    if not ranked:
+    choice = _first_free(sup, ranked, _failed_hosts(sup, job_id))
+    if choice is None:
         await _no_offer(sup, job_id, profile)
         return
     # Checked last, right before money is spent: a job whose worker finished never reruns.
@@ -237,15 +234,27 @@ async def _provision_next(sup: Supervisor, job_id: str,
     if marker is not None:
         await _complete_from_marker(sup, job_id, marker)
         return
-    choice = ranked[0]
     sup.taken_offer_ids.add(choice.offer.id)
     sup.live_counts.add(job["team"])
     runtime.wait_reason = None
     await inst.create_instance(sup, job_id, choice)
 
 
-async def _search(sup: Supervisor, profile: Profile,
-                  offers_cache: dict[str, list[Offer]]) -> list[Offer] | None:
+def _first_free(sup: Supervisor, ranked: list[RankedOffer],
+                job_hosts: set[int]) -> RankedOffer | None:
+    """The best offer no other job took this tick, on a host that never failed this job."""
+    for choice in ranked:
+        if choice.offer.id in sup.taken_offer_ids:
+            continue
+        if choice.offer.host_id is not None and choice.offer.host_id in job_hosts:
+            continue
+        return choice
+    return None
+
+
+async def _ranked_offers(sup: Supervisor, profile: Profile,
+                         offers_cache: dict[str, list[RankedOffer]]) -> list[RankedOffer] | None:
+    """Search and rank once per profile per tick; every job of the profile picks from it."""
     if profile.name in offers_cache:
         return offers_cache[profile.name]
     try:
@@ -258,8 +267,9 @@ async def _search(sup: Supervisor, profile: Profile,
     except vast_errors.VastError as exc:
         log.warning("offer search for profile %s failed: %s", profile.name, exc)
         return None
-    offers_cache[profile.name] = offers
-    return offers
+    ranked, _ = rank_offers(offers, profile, excluded_hosts=await sup.failed_hosts())
+    offers_cache[profile.name] = ranked
+    return ranked
 
 
 async def _no_offer(sup: Supervisor, job_id: str, profile: Profile) -> None:
@@ -421,7 +431,7 @@ async def _preemption(sup: Supervisor, job_id: str, instance: Instance | None,
 
 
 async def _recover(sup: Supervisor, job_id: str, instance: Instance | None,
-                   found: InstanceView | None, offers_cache: dict[str, list[Offer]]) -> None:
+                   found: InstanceView | None, offers_cache: dict[str, list[RankedOffer]]) -> None:
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
     row = sup.table.attempt_row(job_id)
