@@ -124,6 +124,13 @@ async def run_case(jobs: int, steady_ticks: int) -> dict[str, float]:
                 raise TimeoutError("ramp-up took more than 15 minutes")
         await heartbeat_all(sup, job_ids, 1, ReportKind.STARTED)
         ramp_s = time.monotonic() - ramp_started
+        # Steady state: one full sweep of the instance list after every job was running.
+        sweeps = sup.instances.sweeps_completed
+        warm_ticks = 0
+        while sup.instances.sweeps_completed < sweeps + 1:
+            await heartbeat_all(sup, job_ids, 1, ReportKind.HEARTBEAT)
+            await sup.tick()
+            warm_ticks += 1
         cpu, wall, calls, stepped = [], [], [], []
         for tick in range(steady_ticks):
             await heartbeat_all(sup, job_ids, 2 + tick, ReportKind.HEARTBEAT)
@@ -143,7 +150,7 @@ async def run_case(jobs: int, steady_ticks: int) -> dict[str, float]:
             "api_calls_per_tick": statistics.median(calls),
             "jobs_stepped_per_tick": statistics.median(stepped),
             "rss_mib": rss_mib(), "rss_empty_mib": rss_empty,
-            "sweep_ticks": jobs / 25 / settings.sweep_pages_per_tick,
+            "sweep_ticks": warm_ticks,
         }
     finally:
         await sup.stop()
@@ -159,13 +166,13 @@ def main() -> None:
     args = parser.parse_args()
     results = [asyncio.run(run_case(n, args.ticks)) for n in args.jobs]
     print("| jobs running | CPU ms/tick (median, max) | wall ms/tick | API calls/tick "
-          "| jobs stepped/tick | RSS MiB (before jobs) | ramp-up s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "| jobs stepped/tick | RSS MiB (before jobs) | ramp-up s | ticks per full sweep |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['running']:,} | {r['cpu_ms_per_tick']:.1f}, {r['cpu_ms_max']:.1f} "
               f"| {r['wall_ms_per_tick']:.1f} | {r['api_calls_per_tick']:.0f} "
               f"| {r['jobs_stepped_per_tick']:.0f} | {r['rss_mib']:.0f} "
-              f"({r['rss_empty_mib']:.0f}) | {r['ramp_s']:.0f} |")
+              f"({r['rss_empty_mib']:.0f}) | {r['ramp_s']:.0f} | {r['sweep_ticks']} |")
     print(json.dumps(results), file=sys.stderr)
     os.environ.pop("GPUJOBS_HOME", None)
 

@@ -161,13 +161,19 @@ def supervise(
     pacing_scale: float = typer.Option(
         1.0, help="Multiplier of the client's per-endpoint request intervals; 0 turns pacing "
         "off (only for the local emulator)."),
+    intent_timeout_s: float = typer.Option(
+        60.0, help="Seconds a create with an unknown outcome may take to appear in the "
+        "instance list before its attempt is given up."),
 ) -> None:
     """Run the supervisor for this journal until interrupted."""
     from gpujobs.cli_supervise import supervise_command
 
     if pacing_scale < 0:
         raise GpujobsError(f"--pacing-scale {pacing_scale} is negative; use 0 or more")
-    supervise_command(_settings().replace(tick_s=tick_s), pacing_scale=pacing_scale)
+    if intent_timeout_s <= 0:
+        raise GpujobsError(f"--intent-timeout-s {intent_timeout_s} must be positive")
+    supervise_command(_settings().replace(tick_s=tick_s), pacing_scale=pacing_scale,
+                      intent_timeout_s=intent_timeout_s)
 
 
 @app.command()

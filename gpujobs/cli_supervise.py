@@ -15,12 +15,13 @@ from gpujobs.vast.transport import DEFAULT_MIN_INTERVAL_S
 log = logging.getLogger(__name__)
 
 
-def supervise_command(settings: Settings, *, pacing_scale: float = 1.0) -> None:
+def supervise_command(settings: Settings, *, pacing_scale: float = 1.0,
+                      intent_timeout_s: float = 60.0) -> None:
     logging.getLogger("gpujobs").setLevel(logging.INFO)
-    asyncio.run(_supervise(settings, pacing_scale))
+    asyncio.run(_supervise(settings, pacing_scale, intent_timeout_s))
 
 
-async def _supervise(settings: Settings, pacing_scale: float) -> None:
+async def _supervise(settings: Settings, pacing_scale: float, intent_timeout_s: float) -> None:
     api_key = find_api_key(settings.vast_api_key)
     if api_key is None:
         raise GpujobsError(
@@ -28,7 +29,7 @@ async def _supervise(settings: Settings, pacing_scale: float) -> None:
         )
     intervals = {name: value * pacing_scale for name, value in DEFAULT_MIN_INTERVAL_S.items()}
     client = VastClient(api_key=api_key, base_url=settings.vast_url, min_interval_s=intervals)
-    supervisor = Supervisor(settings, client)
+    supervisor = Supervisor(settings, client, intent_timeout_s=intent_timeout_s)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, supervisor.request_stop)

@@ -165,6 +165,7 @@ class CostAccrued(JobEvent):
     billed_s: float
     dph_total: float
     through: float  # unix time up to which this attempt is now billed
+    rate_class: str | None = None  # "gpu" or "storage": what it bills at from `through` on
 
 
 @dataclass(frozen=True)

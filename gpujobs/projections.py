@@ -25,7 +25,8 @@ JOB_COLUMNS = (
 ATTEMPT_COLUMNS = (
     "job_id", "attempt", "offer_id", "machine_id", "host_id", "gpu_name", "dph_total",
     "bid_price", "label", "instance_id", "status", "selected_at", "requested_at", "created_at",
-    "destroyed_at", "billed_through", "cost_usd", "end_reason",
+    "destroyed_at", "billed_through", "cost_usd", "end_reason", "rate_class",
+    "destroy_requested_at",
 )
 _JSON_COLUMNS = ("spec", "profile", "metrics")
 
@@ -209,9 +210,13 @@ def _attempt_requested(row: dict[str, Any], data: dict[str, Any], at: float) -> 
 
 
 def _attempt_created(row: dict[str, Any], data: dict[str, Any], at: float) -> None:
+    # The API creates the instance while the create call runs, and bills it from then; the
+    # reply (or, for an adopted instance, a restarted supervisor) comes later. Billing from
+    # the intent, appended just before the call, counts that time instead of losing it.
+    start = row["requested_at"] or at
     row.update(
         status=CREATED, instance_id=data["instance_id"], label=data["label"],
-        dph_total=data["dph_total"], created_at=at, billed_through=at,
+        dph_total=data["dph_total"], created_at=at, billed_through=start,
     )
 
 
@@ -220,7 +225,8 @@ def _attempt_create_failed(row: dict[str, Any], data: dict[str, Any], at: float)
 
 
 def _attempt_destroy_requested(row: dict[str, Any], data: dict[str, Any], at: float) -> None:
-    row.update(status=DESTROY_REQUESTED, instance_id=data["instance_id"], end_reason=data["reason"])
+    row.update(status=DESTROY_REQUESTED, instance_id=data["instance_id"],
+               end_reason=data["reason"], destroy_requested_at=at)
 
 
 def _attempt_destroyed(row: dict[str, Any], data: dict[str, Any], at: float) -> None:
@@ -230,6 +236,8 @@ def _attempt_destroyed(row: dict[str, Any], data: dict[str, Any], at: float) -> 
 def _attempt_cost(row: dict[str, Any], data: dict[str, Any], at: float) -> None:
     row["cost_usd"] = row["cost_usd"] + float(data["amount_usd"])
     row["billed_through"] = data["through"]
+    if data.get("rate_class"):
+        row["rate_class"] = data["rate_class"]
 
 
 _ATTEMPT_FOLDS = {

@@ -131,7 +131,8 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
     try:
         await sup.client.destroy_instance(instance_id)
     except vast_errors.InstanceNotFound:
-        state.destroy_sent_at = now
+        # Already gone: an earlier DELETE went through, perhaps before a crash. Billing then
+        # ended near the journaled intent, not now.
         await confirm_destroyed(sup, job_id, attempt)
         return
     except vast_errors.VastError as exc:
@@ -156,8 +157,10 @@ async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int) -> None:
     runtime = sup.table.runtime_for(job_id)
     state = runtime.attempt(attempt)
     events: list[ev.JobEvent] = []
-    # Billing ends when the DELETE was accepted, not when a later list confirmed it.
-    cost = cost_event(sup, job_id, row, state.destroy_sent_at or time.time())
+    # Billing ends when the DELETE was accepted, not when a later list confirmed it. After a
+    # restart the moment is unknown; the journaled intent, sent just before, stands in for it.
+    end = state.destroy_sent_at or row["destroy_requested_at"] or time.time()
+    cost = cost_event(sup, job_id, row, end)
     if cost is not None:
         events.append(cost)
     events.append(ev.InstanceDestroyed(attempt, row["instance_id"]))
@@ -166,17 +169,19 @@ async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int) -> None:
         sup.instances.forget((job_id, attempt))
 
 
-def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any],
-               now: float) -> ev.CostAccrued | None:
+def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any], now: float,
+               next_rate: str | None = None) -> ev.CostAccrued | None:
     """Bill an attempt from where it was billed through up to now, at the rate last seen."""
     start = row["billed_through"] or row["created_at"]
     if start is None or now <= start:
         return None
     state = sup.table.runtime_for(job_id).attempt(int(row["attempt"]))
-    dph = state.storage_dph if state.rate_class == "storage" else float(row["dph_total"] or 0.0)
+    rate = state.rate_class or row["rate_class"]  # memory, or the journal after a restart
+    dph = state.storage_dph if rate == "storage" else float(row["dph_total"] or 0.0)
     billed_s = (now - start) * sup.billing_time_scale
     amount = dph * billed_s / 3600.0
-    return ev.CostAccrued(int(row["attempt"]), int(row["instance_id"]), amount, billed_s, dph, now)
+    return ev.CostAccrued(int(row["attempt"]), int(row["instance_id"]), amount, billed_s, dph, now,
+                          rate_class=next_rate)
 
 
 def rate_class(instance: Instance) -> str:

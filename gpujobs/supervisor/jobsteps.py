@@ -60,7 +60,8 @@ def needs_step(sup: Supervisor, job_id: str, found: InstanceView | None, now: fl
     runtime = sup.table.runtime_for(job_id)
     attempt = runtime.attempts.get(int(job["attempt"]))
     if attempt is None or attempt.rate_class is None:
-        return True
+        # Not billed yet: worth a step once some list has shown the instance.
+        return key in found.known
     billed_through = live[0]["billed_through"] or now
     return (now - billed_through >= sup.settings.cost_interval_s
             or now - runtime.last_report_at > sup.settings.heartbeat_timeout_s
@@ -82,7 +83,7 @@ async def step_job(sup: Supervisor, job_id: str, found: InstanceView | None,
     elif job["stop_reason"]:
         await _stop(sup, job_id, instance, found)
     elif state is S.QUEUED:
-        await _provision(sup, job_id, offers_cache)
+        await _provision(sup, job_id, found, offers_cache)
     elif state is S.PROVISIONING:
         await _watch_provisioning(sup, job_id, instance, found)
     elif state in WATCHED:
@@ -103,22 +104,28 @@ async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None) -> No
         state.status_msg = instance.status_msg
         state.status_changed_at = time.time()
     if state.rate_class is None:
-        state.rate_class = seen
-        return
+        # First sight since a start: the journal says what it billed at until now.
+        state.rate_class = row["rate_class"] or seen
     now = time.time()
     due = now - (row["billed_through"] or now) >= sup.settings.cost_interval_s
     if seen != state.rate_class or due:
-        cost = inst.cost_event(sup, job_id, row, now)
+        cost = inst.cost_event(sup, job_id, row, now, next_rate=seen)
         state.rate_class = seen
         if cost is not None:
             await sup.append(job_id, [cost])
 
 
 async def _destroy_superseded(sup: Supervisor, job_id: str) -> None:
-    """Destroy live instances of attempts that are no longer the job's current one."""
+    """Destroy instances of attempts that are no longer current, and finish started destroys.
+
+    A destroy whose intent is journaled but whose DELETE failed, or never went out before a
+    crash, is sent again here, whatever state the job is in.
+    """
     current = int(sup.table.jobs[job_id]["attempt"])
     for row in sup.table.live_attempts(job_id):
-        if int(row["attempt"]) != current and row["status"] in (CREATED, DESTROY_REQUESTED):
+        if row["status"] == DESTROY_REQUESTED:
+            await inst.request_destroy(sup, job_id, row, row["end_reason"] or "destroy resumed")
+        elif int(row["attempt"]) != current and row["status"] == CREATED:
             await inst.request_destroy(sup, job_id, row, "superseded by a newer attempt")
 
 
@@ -183,14 +190,14 @@ async def _ensure_no_live_instance(sup: Supervisor, job_id: str,
     return not live
 
 
-async def _provision(sup: Supervisor, job_id: str,
+async def _provision(sup: Supervisor, job_id: str, found: InstanceView | None,
                      offers_cache: dict[str, list[RankedOffer]]) -> None:
     runtime = sup.table.runtime_for(job_id)
     if time.time() < runtime.backoff_until:
         if runtime.wait_reason is None:
             runtime.wait_reason = f"backoff after: {sup.table.jobs[job_id]['reason']}"
         return
-    if not await _ensure_no_live_instance(sup, job_id, None):
+    if not await _ensure_no_live_instance(sup, job_id, found):
         return
     if await _restarts_spent(sup, job_id):
         return
