@@ -1,6 +1,6 @@
 """The `gpujobs` command line: parses arguments, then calls functions tests can call directly.
 
-Expected errors print one line that says what is wrong and what to do, and exit with 2.
+Expected errors print one line that names what is wrong and what to do, and exit with 2.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class InstanceCreated(JobEvent):
     instance_id: int
     label: str
     dph_total: float
-    adopted: bool = False  # found by label after a crash, not from the create call's answer
+    adopted: bool = False  # found by label after a crash, not from the create call's response
 
 
 @dataclass(frozen=True)

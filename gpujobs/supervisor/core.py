@@ -46,7 +46,6 @@ class Supervisor:
         self.queue = queue.QueuePublisher(settings.journal_path)
         self._failed_hosts: dict[int, str] = {}
         self._failed_hosts_tick = -1
-        self.api_calls_last_tick = 0
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
@@ -100,7 +99,7 @@ class Supervisor:
                 pass
 
     async def tick(self) -> None:
-        """One pass: fold new events, list instances once, settle them, then step each job."""
+        """Run one pass: fold new events, list instances, reconcile them, step each job."""
         assert self.table is not None
         self.ticks += 1
         await self.lease.renew()

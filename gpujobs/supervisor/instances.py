@@ -79,7 +79,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
         return
     except (vast_errors.OfferUnavailable, vast_errors.InvalidRequest,
             vast_errors.InsufficientCredit, vast_errors.AuthError) as exc:
-        # The API said no: nothing was created, so the attempt ends here.
+        # The API rejected the create: nothing exists, so the attempt ends here.
         await sup.append(job_id, [
             ev.InstanceCreateFailed(attempt, offer.id, type(exc).__name__, str(exc)),
             ev.ProvisioningFailed(attempt, f"create failed: {exc}",
@@ -158,7 +158,7 @@ async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int) -> None:
     state = runtime.attempt(attempt)
     events: list[ev.JobEvent] = []
     # Billing ends when the DELETE was accepted, not when a later list confirmed it. After a
-    # restart the moment is unknown; the journaled intent, sent just before, stands in for it.
+    # restart that moment is unknown, so the journaled intent, appended just before, is used.
     end = state.destroy_sent_at or row["destroy_requested_at"] or time.time()
     cost = cost_event(sup, job_id, row, end)
     if cost is not None:

@@ -104,7 +104,7 @@ async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None) -> No
         state.status_msg = instance.status_msg
         state.status_changed_at = time.time()
     if state.rate_class is None:
-        # First sight since a start: the journal says what it billed at until now.
+        # First sight since a start: the journal records the rate it billed at until now.
         state.rate_class = row["rate_class"] or seen
     now = time.time()
     due = now - (row["billed_through"] or now) >= sup.settings.cost_interval_s
@@ -145,8 +145,8 @@ async def _cancel(sup: Supervisor, job_id: str, found: InstanceView | None) -> N
 async def request_stop(sup: Supervisor, job_id: str, reason: str) -> None:
     """Ask the worker to checkpoint and stop; the job then fails with `reason`.
 
-    The worker hears it in the answer to its next report (or by SIGTERM when the instance is
-    destroyed after the grace period), so the last steps are saved before the machine goes.
+    The worker gets the request in the response to its next report, or by SIGTERM when the
+    instance is destroyed after the grace period, so its last steps are saved first.
     """
     job = sup.table.jobs[job_id]
     if job["stop_reason"] or JobState(job["state"]).is_terminal:
@@ -376,7 +376,7 @@ async def _wait_for_same_host(sup: Supervisor, job_id: str, instance: Instance |
     """For an outbid instance under a rebid or wait policy: True while it may still come back.
 
     Vast.ai resumes an outbid instance on the same machine once it regains priority, with its
-    disk intact; a rebid asks for that at once. Past resume_wait_s the job migrates.
+    disk intact, and a rebid requests that at once. Past resume_wait_s the job migrates.
     """
     job = sup.table.jobs[job_id]
     profile = Profile.from_dict(job["profile"])

@@ -5,7 +5,7 @@ The number of API calls per tick does not grow with the number of healthy jobs:
 - every tick lists only the instances that are not running (`actual_status != running`):
   loading, stopped, exited or offline machines, the only ones that need a decision;
 - a full sweep of the paged list advances a few pages per tick and, once it reaches the last
-  page, replaces what the supervisor knows. Only a finished sweep may conclude that an
+  page, replaces the supervisor's record of instances. Only a finished sweep may conclude that an
   instance is gone, and only after two sweeps in a row missed it.
 
 Instances with our label prefix are adopted (an intent without an outcome), confirmed gone (a
@@ -36,7 +36,7 @@ NOT_RUNNING = {"actual_status": {"neq": "running"}}
 
 @dataclass
 class InstanceView:
-    """What one tick knows about our instances: fresh data overlaid on the last full sweep."""
+    """Our instances as one tick sees them: fresh data overlaid on the last full sweep."""
 
     known: dict[Key, Instance] = field(default_factory=dict)
     complete: bool = False  # a sweep finished this tick: absence from `known` means gone

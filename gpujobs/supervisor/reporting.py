@@ -24,7 +24,7 @@ ACCEPTING = (S.PROVISIONING, S.RUNNING, S.CHECKPOINTING, S.RESUMED, S.PREEMPTED)
 
 
 async def handle_report(sup: Supervisor, report: Report) -> str:
-    """Record what a report shows; returns "ok", "stop" or "unknown" for the HTTP answer."""
+    """Record what a report shows; returns "ok", "stop" or "unknown" for the HTTP response."""
     table = sup.table
     job = table.jobs.get(report.job_id)
     if job is None:

@@ -26,7 +26,7 @@ transitions_log = logging.getLogger("gpujobs.transitions")
 
 @dataclass
 class AttemptRuntime:
-    """What the supervisor tracks about one attempt's instance between ticks."""
+    """Per-attempt facts the supervisor keeps in memory between ticks."""
 
     destroy_sent_at: float | None = None  # DELETE accepted; absence from a later list confirms it
     destroy_retry_at: float = 0.0
