@@ -27,5 +27,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
+torture: $(STAMP)
+	$(BIN)/python bench/torture.py --kills 200
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,6 +14,7 @@ destroy that went through), or destroyed (no live attempt owns them).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -102,11 +103,17 @@ class InstanceTracker:
         return False
 
 
+# The only raw fields the supervisor reads (storage billing); the rest of each API row is
+# dropped, since thousands of full rows would dominate the supervisor's memory.
+KEPT_RAW_FIELDS = ("storage_total_cost", "storage_cost", "disk_space")
+
+
 def _index(page: list[Instance], into: dict[Key, Instance]) -> None:
     for instance in page:
         key = parse_label(instance.label)
         if key is not None:
-            into[key] = instance
+            raw = {name: instance.raw[name] for name in KEPT_RAW_FIELDS if name in instance.raw}
+            into[key] = dataclasses.replace(instance, raw=raw)
 
 
 async def reconcile(sup: Supervisor, view: InstanceView) -> None:
