@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from gpujobs import events as ev
@@ -69,7 +70,7 @@ def needs_step(sup: Supervisor, job_id: str, found: InstanceView | None, now: fl
 
 
 async def step_job(sup: Supervisor, job_id: str, found: InstanceView | None,
-                   offers_cache: dict[str, list[RankedOffer]]) -> None:
+                   offers_cache: dict[str, deque[RankedOffer]]) -> None:
     job = sup.table.jobs[job_id]
     state = JobState(job["state"])
     instance = None if found is None else found.get((job_id, int(job["attempt"])))
@@ -191,7 +192,7 @@ async def _ensure_no_live_instance(sup: Supervisor, job_id: str,
 
 
 async def _provision(sup: Supervisor, job_id: str, found: InstanceView | None,
-                     offers_cache: dict[str, list[RankedOffer]]) -> None:
+                     offers_cache: dict[str, deque[RankedOffer]]) -> None:
     runtime = sup.table.runtime_for(job_id)
     if time.time() < runtime.backoff_until:
         if runtime.wait_reason is None:
@@ -217,7 +218,7 @@ async def _restarts_spent(sup: Supervisor, job_id: str) -> bool:
 
 
 async def _provision_next(sup: Supervisor, job_id: str,
-                          offers_cache: dict[str, list[RankedOffer]]) -> None:
+                          offers_cache: dict[str, deque[RankedOffer]]) -> None:
     if await budget_guard.admission(sup, job_id) is not None:
         return
     job = sup.table.jobs[job_id]
@@ -247,9 +248,15 @@ async def _provision_next(sup: Supervisor, job_id: str,
     await inst.create_instance(sup, job_id, choice)
 
 
-def _first_free(sup: Supervisor, ranked: list[RankedOffer],
+def _first_free(sup: Supervisor, ranked: deque[RankedOffer],
                 job_hosts: set[int]) -> RankedOffer | None:
-    """The best offer no other job took this tick, on a host that never failed this job."""
+    """Return the best offer not yet taken, on a host that never failed this job.
+
+    Taken offers at the head of the list are dropped from it, so a tick that provisions
+    thousands of jobs from one ranking stays linear instead of rescanning them for every job.
+    """
+    while ranked and ranked[0].offer.id in sup.taken_offer_ids:
+        ranked.popleft()
     for choice in ranked:
         if choice.offer.id in sup.taken_offer_ids:
             continue
@@ -260,7 +267,8 @@ def _first_free(sup: Supervisor, ranked: list[RankedOffer],
 
 
 async def _ranked_offers(sup: Supervisor, profile: Profile,
-                         offers_cache: dict[str, list[RankedOffer]]) -> list[RankedOffer] | None:
+                         offers_cache: dict[str, deque[RankedOffer]],
+                         ) -> deque[RankedOffer] | None:
     """Search and rank once per profile per tick; every job of the profile picks from it."""
     if profile.name in offers_cache:
         return offers_cache[profile.name]
@@ -275,8 +283,8 @@ async def _ranked_offers(sup: Supervisor, profile: Profile,
         log.warning("offer search for profile %s failed: %s", profile.name, exc)
         return None
     ranked, _ = rank_offers(offers, profile, excluded_hosts=await sup.failed_hosts())
-    offers_cache[profile.name] = ranked
-    return ranked
+    offers_cache[profile.name] = deque(ranked)
+    return offers_cache[profile.name]
 
 
 async def _no_offer(sup: Supervisor, job_id: str, profile: Profile) -> None:
@@ -438,7 +446,8 @@ async def _preemption(sup: Supervisor, job_id: str, instance: Instance | None,
 
 
 async def _recover(sup: Supervisor, job_id: str, instance: Instance | None,
-                   found: InstanceView | None, offers_cache: dict[str, list[RankedOffer]]) -> None:
+                   found: InstanceView | None,
+                   offers_cache: dict[str, deque[RankedOffer]]) -> None:
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
     row = sup.table.attempt_row(job_id)
