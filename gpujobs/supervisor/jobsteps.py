@@ -283,6 +283,10 @@ async def _ranked_offers(sup: Supervisor, profile: Profile,
         log.warning("offer search for profile %s failed: %s", profile.name, exc)
         return None
     ranked, _ = rank_offers(offers, profile, excluded_hosts=await sup.failed_hosts())
+    if not ranked and offers:
+        # Hosts that failed other jobs are avoided, not banned: when they are all that is
+        # left, a small market must not leave every job of the profile waiting for good.
+        ranked, _ = rank_offers(offers, profile)
     offers_cache[profile.name] = deque(ranked)
     return offers_cache[profile.name]
 
