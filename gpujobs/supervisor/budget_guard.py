@@ -68,6 +68,7 @@ class BudgetGuard:
     seq: int = 0
     synced_tick: int = -1
     unbilled_cache: tuple[float, list[tuple[str, str, float]]] | None = None
+    budgeted: dict[tuple[int, str, str], bool] = field(default_factory=dict)
 
     def fold(self, seq: int, stream: str, kind: str, data: dict[str, Any], at: float) -> None:
         if kind == "JobSubmitted":
@@ -190,7 +191,7 @@ def unbilled(sup: Supervisor, guard: BudgetGuard, now: float) -> list[tuple[str,
     for job_id, row in _live_attempts(sup):
         facts = guard.jobs.get(job_id)
         since = row["billed_through"] or row["created_at"]
-        if facts is None or since is None:
+        if facts is None or since is None or not _budgeted(guard, facts):
             continue
         usd = _live_dph(sup, job_id, row) * max(0.0, now - since) * sup.billing_time_scale / 3600
         pending.append((facts.team, facts.project, usd))
@@ -305,9 +306,17 @@ def _running_in_scope(sup: Supervisor, guard: BudgetGuard,
     found = []
     for job_id, row in _live_attempts(sup):
         facts = guard.jobs.get(job_id)
-        if job_id in allowed and facts is not None:
+        if job_id in allowed and facts is not None and _budgeted(guard, facts):
             found.append((job_id, facts.team, facts.project, _live_dph(sup, job_id, row)))
     return found
+
+
+def _budgeted(guard: BudgetGuard, facts: JobFacts) -> bool:
+    """Whether any budget covers the job's team and project; jobs outside all cost nothing here."""
+    key = (id(guard.config), facts.team, facts.project)
+    if key not in guard.budgeted:
+        guard.budgeted[key] = bool(guard.config.for_job(facts.team, facts.project))
+    return guard.budgeted[key]
 
 
 def _stop_lead_s(sup: Supervisor, job_ids: list[str]) -> float:
