@@ -164,12 +164,9 @@ async def sync(sup: Supervisor) -> BudgetGuard:
 
 
 def _live_attempts(sup: Supervisor) -> list[tuple[str, dict[str, Any]]]:
-    found = []
-    for job_id, attempts in sup.table.attempts.items():
-        for row in attempts.values():
-            if row["status"] in (CREATED, DESTROY_REQUESTED) and row["instance_id"] is not None:
-                found.append((job_id, row))
-    return found
+    """Attempts with a live instance: the supervisor's list for this tick."""
+    return [(job_id, row) for job_id, row in sup.live_rows
+            if row["status"] in (CREATED, DESTROY_REQUESTED) and row["instance_id"] is not None]
 
 
 def _live_dph(sup: Supervisor, job_id: str, row: dict[str, Any]) -> float:

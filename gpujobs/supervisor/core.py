@@ -44,6 +44,7 @@ class Supervisor:
         self.limits = load_limits(settings.limit_files())
         self.live_counts = queue.LiveCounts()
         self.queue = queue.QueuePublisher(settings.journal_path)
+        self.live_rows: list[tuple[str, dict]] = []  # (job id, attempt row), once per tick
         self._failed_hosts: dict[int, str] = {}
         self._failed_hosts_tick = -1
         self._stopping = asyncio.Event()
@@ -110,6 +111,7 @@ class Supervisor:
         if self.settings.report_mode == "mailbox":
             await mailbox.poll_mailboxes(self)
         offers_cache: dict[str, list] = {}
+        self.live_rows = self.table.all_live_attempts()
         self.live_counts = queue.LiveCounts.count(self)
         ordered = jobsteps.ordered_jobs(self.table)
         now = time.time()

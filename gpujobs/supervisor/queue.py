@@ -40,10 +40,9 @@ class LiveCounts:
     @classmethod
     def count(cls, sup: Supervisor) -> LiveCounts:
         counts = cls()
-        for job_id, job in sup.table.jobs.items():
-            for row in sup.table.live_attempts(job_id):
-                if row["status"] in LIVE_FOR_LIMITS:
-                    counts.add(job["team"])
+        for job_id, row in sup.live_rows:
+            if row["status"] in LIVE_FOR_LIMITS:
+                counts.add(sup.table.jobs[job_id]["team"])
         return counts
 
     def add(self, team: str) -> None:

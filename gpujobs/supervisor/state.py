@@ -55,7 +55,10 @@ class JobRuntime:
     attempts: dict[int, AttemptRuntime] = field(default_factory=dict)
 
     def attempt(self, number: int) -> AttemptRuntime:
-        return self.attempts.setdefault(int(number), AttemptRuntime())
+        state = self.attempts.get(number)
+        if state is None:
+            state = self.attempts[int(number)] = AttemptRuntime()
+        return state
 
 
 class JobTable:
@@ -110,7 +113,7 @@ class JobTable:
         before = job["state"] if job else None
         job = fold_job(job, event)
         self.jobs[event.stream] = job
-        runtime = self.runtime.setdefault(event.stream, JobRuntime())
+        runtime = self.runtime_for(event.stream)
         if event.type == "ProvisioningFailed":
             retry_at = event.recorded_at + float(event.data.get("retry_after_s") or 0.0)
             runtime.backoff_until = max(runtime.backoff_until, retry_at)
@@ -148,6 +151,12 @@ class JobTable:
         number = self.jobs[job_id]["attempt"] if attempt is None else attempt
         return self.attempts.get(job_id, {}).get(number)
 
+    def all_live_attempts(self) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            (job_id, row) for job_id, rows in self.attempts.items() for row in rows.values()
+            if row["status"] in LIVE_ATTEMPT_STATUSES
+        ]
+
     def live_attempts(self, job_id: str) -> list[dict[str, Any]]:
         return [
             row for row in self.attempts.get(job_id, {}).values()
@@ -158,4 +167,7 @@ class JobTable:
         return JobState(self.jobs[job_id]["state"])
 
     def runtime_for(self, job_id: str) -> JobRuntime:
-        return self.runtime.setdefault(job_id, JobRuntime())
+        runtime = self.runtime.get(job_id)
+        if runtime is None:  # not setdefault: building a JobRuntime costs a lock each call
+            runtime = self.runtime[job_id] = JobRuntime()
+        return runtime
