@@ -32,14 +32,23 @@ LOST_STATUSES = ("exited", "stopped", "offline", "unknown", "frozen")
 PREEMPTION_GRACE_MARGIN_S = 5.0
 
 
+_TERMINAL_VALUES = frozenset(s.value for s in JobState if s.is_terminal)
+
+
 def ordered_jobs(table: JobTable) -> list[str]:
-    """Jobs to step, higher priority first, first submitted first within a priority."""
-    live = [
-        row for row in table.jobs.values()
-        if not JobState(row["state"]).is_terminal or table.live_attempts(row["job_id"])
+    """Jobs to step, higher priority first, first submitted first within a priority.
+
+    Priorities never change after submission, so the sort runs only when jobs were added.
+    """
+    if len(table.order) != len(table.jobs):
+        rows = sorted(table.jobs.values(), key=lambda row: (
+            -int(row["priority"] or 0), row["submitted_at"], row["job_id"]))
+        table.order = [row["job_id"] for row in rows]
+    jobs = table.jobs
+    return [
+        job_id for job_id in table.order
+        if jobs[job_id]["state"] not in _TERMINAL_VALUES or table.live_attempts(job_id)
     ]
-    live.sort(key=lambda row: (-int(row["priority"] or 0), row["submitted_at"], row["job_id"]))
-    return [row["job_id"] for row in live]
 
 
 def needs_step(sup: Supervisor, job_id: str, found: InstanceView | None, now: float) -> bool:

@@ -69,6 +69,7 @@ class JobTable:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.attempts: dict[str, dict[int, dict[str, Any]]] = {}  # job id -> attempt -> row
         self.runtime: dict[str, JobRuntime] = {}
+        self.order: list[str] = []  # job ids by priority, kept by ordered_jobs
         self.seq = 0
         self._lock = asyncio.Lock()
 
