@@ -51,7 +51,8 @@ def parse_time(text: str) -> float:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise GpujobsError(
-            f"invalid time {text!r}; use ISO 8601 (2026-12-04T16:30:00) or unix seconds"
+            f"invalid time {text!r}; use ISO 8601 (2026-12-04 or 2026-12-04T16:30:00) "
+            "or unix seconds"
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)

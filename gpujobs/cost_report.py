@@ -24,6 +24,7 @@ from gpujobs.cost import (
     CATEGORIES, COST_EVENT_TYPES, IDLE, LOST, PROVISIONING, USEFUL, CostPiece, JobCost,
     job_costs, pieces_between,
 )
+from gpujobs.audit import parse_time  # noqa: F401  (re-exported for the CLI)
 from gpujobs.errors import GpujobsError
 
 log = logging.getLogger(__name__)
@@ -295,21 +296,3 @@ def _stacked_bars(axis: Any, rows: list[ReportRow]) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     axis.set_ylabel("USD")
     axis.legend()
-
-
-def parse_time(text: str) -> float:
-    """Parse ISO 8601 (UTC unless it names a zone) or unix seconds; raises GpujobsError."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise GpujobsError(
-            f"invalid time {text!r}; use ISO 8601 (2026-12-04 or 2026-12-04T16:30:00) "
-            "or unix seconds"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
