@@ -1,4 +1,4 @@
-"""Errors of the orchestrator. Every message says what is wrong and what to do about it.
+"""Errors of the orchestrator. Every message names what is wrong and what to do about it.
 
 GpujobsError
 ├── ConfigError          a config file or job spec is missing or invalid

@@ -29,7 +29,7 @@ class RankedOffer:
     offer: Offer
     rank: int
     bid_price: float | None  # None for on-demand
-    reason: str  # why it stands where it does, for `gpujobs offers`
+    reason: str  # the reason for its rank, shown by `gpujobs offers`
     price_dph: float = 0.0  # what this job would pay per hour
     score: float | None = None  # dlperf per dollar x reliability; None without dlperf
 

@@ -1,6 +1,6 @@
 """Rebuild a job's history from its events alone, through the state machine.
 
-`replay_job` never reads the projection tables: what it prints is what the events say, so it
+`replay_job` never reads the projection tables: what it prints comes from the events alone, so it
 can be compared with them (`check_projections`).
 """
 

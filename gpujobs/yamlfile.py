@@ -216,6 +216,6 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     if isinstance(value, bool):
-        # YAML 1.1 turns yes/no/on/off into booleans; say so, since the user may not have meant it.
+        # YAML 1.1 turns yes/no/on/off into booleans, which the user may not have meant, so name it.
         return f"the boolean {str(value).lower()} (YAML reads yes/no/on/off as booleans; quote it)"
     return f"{type(value).__name__} {value!r}"

@@ -74,15 +74,15 @@ def shard_output_key(shard: int) -> str:
 
 
 class ReportKind(enum.StrEnum):
-    """Why the worker sent a report; every report also carries the full current status."""
+    """Reason a worker sent a report; every report also carries the full current status."""
 
-    STARTED = "started"  # training began; resumed_from_step says from where
+    STARTED = "started"  # training began; resumed_from_step gives the restored step
     HEARTBEAT = "heartbeat"  # periodic liveness and progress
     CHECKPOINT_STARTED = "checkpoint_started"  # a checkpoint is being written
     CHECKPOINT_SAVED = "checkpoint_saved"  # last_checkpoint is now durable
     STOPPING = "stopping"  # SIGTERM received; an emergency checkpoint may follow
     COMPLETED = "completed"  # final artifacts and the completion marker are stored
-    FAILED = "failed"  # unrecoverable; error says why
+    FAILED = "failed"  # unrecoverable; error gives the reason
 
 
 @dataclass(frozen=True)

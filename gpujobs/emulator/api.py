@@ -340,7 +340,7 @@ def _decode_token(token: str | None) -> int | None:
 
 
 def _stored_columns(inst: Any) -> dict[str, Any]:
-    """The columns the real API stores and so can filter and sort the instance list by."""
+    """Return the columns the real API stores, which the instance list can filter and sort by."""
     offer = inst.offer
     return {
         "id": inst.id, "label": inst.label, "actual_status": inst.actual_status,

@@ -309,7 +309,7 @@ def _running_in_scope(sup: Supervisor, guard: BudgetGuard,
 
 
 def _budgeted(guard: BudgetGuard, facts: JobFacts) -> bool:
-    """Whether any budget covers the job's team and project; jobs outside all cost nothing here."""
+    """Return whether any budget covers the job's team and project."""
     key = (id(guard.config), facts.team, facts.project)
     if key not in guard.budgeted:
         guard.budgeted[key] = bool(guard.config.for_job(facts.team, facts.project))

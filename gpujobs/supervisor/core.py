@@ -126,7 +126,7 @@ class Supervisor:
         await self.queue.publish(queue.waiting_jobs(self, ordered))
 
     async def failed_hosts(self) -> dict[int, str]:
-        """Hosts that lost attempts of any job lately, read at most once per tick."""
+        """Return hosts that lost attempts of any job lately, read from the journal once per tick."""
         if self._failed_hosts_tick != self.ticks:
             self._failed_hosts = await load_failed_hosts(self.store)
             self._failed_hosts_tick = self.ticks

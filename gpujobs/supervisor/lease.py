@@ -1,6 +1,6 @@
 """One supervisor per journal: a lease row in the journal's SQLite file.
 
-The lease is not an event: it says who may act now, not what happened. A holder renews it on
+The lease is not an event: it records who may act now, not what happened. A holder renews it on
 every tick; a lease that expired, or whose holder process is gone from this host, can be taken.
 """
 

@@ -37,7 +37,7 @@ NOT_RUNNING = {"actual_status": {"neq": "running"}}
 
 @dataclass
 class InstanceView:
-    """Our instances as one tick sees them: fresh data overlaid on the last full sweep."""
+    """Our instances as of one tick: fresh data overlaid on the last full sweep."""
 
     known: dict[Key, Instance] = field(default_factory=dict)
     complete: bool = False  # a sweep finished this tick: absence from `known` means gone
@@ -103,8 +103,8 @@ class InstanceTracker:
         return False
 
 
-# The only raw fields the supervisor reads (storage billing); the rest of each API row is
-# dropped, since thousands of full rows would dominate the supervisor's memory.
+# The only raw fields the supervisor reads, for storage billing. The rest of each API row is
+# dropped, because thousands of full rows would dominate the supervisor's memory.
 KEPT_RAW_FIELDS = ("storage_total_cost", "storage_cost", "disk_space")
 
 
@@ -126,8 +126,8 @@ async def reconcile(sup: Supervisor, view: InstanceView) -> None:
             await _destroy_stray(sup, instance)
             continue
         if row["status"] in (REQUESTED, CREATE_FAILED):
-            # An intent without an outcome, or one the journal gave up on: the machine
-            # exists, so record it; the job's steps then keep or destroy it.
+            # An intent without an outcome, or one the journal gave up on. The machine exists,
+            # so record it, and the job's steps then keep or destroy it.
             async with table.runtime_for(job_id).lock:
                 await _adopt(sup, job_id, attempt, instance)
     if view.complete:

@@ -21,7 +21,7 @@ from worker.protocol import REPORT_PATH, Report
 
 log = logging.getLogger(__name__)
 
-# What the handler returns: "ok", "stop" (this attempt is no longer wanted) or "unknown".
+# The handler returns "ok", "stop" (this attempt is no longer wanted) or "unknown".
 ReportHandler = Callable[[Report], Awaitable[str]]
 
 

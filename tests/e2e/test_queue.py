@@ -38,11 +38,11 @@ async def test_limit_serves_jobs_by_priority(tmp_path: Path, monkeypatch) -> Non
         assert statuses[low].queue_position == 2
         assert "concurrency limit: 1/1 instances alive" in statuses[mid].wait_reason
 
-        most_alive = 0
+        max_alive = 0
         while not all(stack.state(j) == "done" for j in (low, high, mid)):
-            most_alive = max(most_alive, len(stack.emulator.live_instance_ids()))
+            max_alive = max(max_alive, len(stack.emulator.live_instance_ids()))
             await asyncio.sleep(0.05)
-        assert most_alive == 1
+        assert max_alive == 1
         order = sorted(stack.emulator.ledger(), key=lambda row: row["created_at"])
         assert [row["label"].split(":")[1].split("-")[0] for row in order] == ["high", "mid", "low"]
 
