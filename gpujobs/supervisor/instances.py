@@ -184,6 +184,26 @@ def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any], now: float,
                           rate_class=next_rate)
 
 
+def rate_changed_at(*, billed_through: float, seen_at: float | None, listed_at: float,
+                    reported_at: float | None, heartbeat_interval_s: float) -> float:
+    """Estimate when an instance's billing rate changed, from what bounds that moment.
+
+    The change came after `seen_at`, the last list that showed the old rate, and before
+    `listed_at`, the list that shows the new one. While the GPU was held, the worker's reports
+    narrow it: the last one (`reported_at`) came before the change, and the next one, due a
+    heartbeat interval later, never came. The midpoint of what is left is off by half of it at
+    most. Without a bound since the last bill, the change is billed at `listed_at`.
+    """
+    if seen_at is None or seen_at < billed_through:
+        return max(billed_through, listed_at)
+    lower, upper = seen_at, max(seen_at, listed_at)
+    if reported_at is not None:
+        lower = max(lower, min(reported_at, upper))
+        if heartbeat_interval_s > 0:
+            upper = max(lower, min(upper, reported_at + heartbeat_interval_s))
+    return max(billed_through, (lower + upper) / 2.0)
+
+
 def rate_class(instance: Instance) -> str:
     reserved = instance.cur_state == "running" and instance.actual_status != "offline"
     return "gpu" if reserved else "storage"

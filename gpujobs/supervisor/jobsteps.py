@@ -16,7 +16,7 @@ from gpujobs.projections import (
 from gpujobs.states import JobState
 from gpujobs.supervisor import budget_guard
 from gpujobs.supervisor import instances as inst
-from gpujobs.supervisor.state import JobTable
+from gpujobs.supervisor.state import AttemptRuntime, JobTable
 from gpujobs.vast import errors as vast_errors
 from gpujobs.vast.records import Instance
 
@@ -83,8 +83,8 @@ async def step_job(sup: Supervisor, job_id: str, found: InstanceView | None,
     job = sup.table.jobs[job_id]
     state = JobState(job["state"])
     instance = None if found is None else found.get((job_id, int(job["attempt"])))
-    await _accrue(sup, job_id, instance)
     if found is not None:
+        await _accrue(sup, job_id, instance, found.listed_at)
         await _destroy_superseded(sup, job_id)
     if state.is_terminal:
         await _clean_up(sup, job_id, found)
@@ -102,8 +102,13 @@ async def step_job(sup: Supervisor, job_id: str, found: InstanceView | None,
         await _recover(sup, job_id, instance, found, offers_cache)
 
 
-async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None) -> None:
-    """Bill live attempts at each change of billing rate, and at least every cost interval."""
+async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None,
+                  listed_at: float) -> None:
+    """Bill live attempts at each change of billing rate, and at least every cost interval.
+
+    Bills run up to the moment a list showed the rate, never beyond it. A change of rate is
+    billed at the moment `inst.rate_changed_at` estimates.
+    """
     row = sup.table.attempt_row(job_id)
     if row is None or row["status"] not in (CREATED, DESTROY_REQUESTED) or instance is None:
         return
@@ -116,13 +121,31 @@ async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None) -> No
     if state.rate_class is None:
         # First sight since a start: the journal records the rate it billed at until now.
         state.rate_class = row["rate_class"] or seen
-    now = time.time()
-    due = now - (row["billed_through"] or now) >= sup.settings.cost_interval_s
-    if seen != state.rate_class or due:
-        cost = inst.cost_event(sup, job_id, row, now, next_rate=seen)
-        state.rate_class = seen
-        if cost is not None:
-            await sup.append(job_id, [cost])
+    if seen == state.rate_class:
+        state.rate_seen_at = listed_at
+        if listed_at - (row["billed_through"] or listed_at) >= sup.settings.cost_interval_s:
+            # Billed through the list that showed the rate, not beyond what was seen.
+            cost = inst.cost_event(sup, job_id, row, listed_at, next_rate=seen)
+            if cost is not None:
+                await sup.append(job_id, [cost])
+        return
+    cost = inst.cost_event(sup, job_id, row, _rate_changed_at(sup, job_id, row, state, listed_at),
+                           next_rate=seen)
+    state.rate_class = seen
+    state.rate_seen_at = listed_at
+    if cost is not None:
+        await sup.append(job_id, [cost])
+
+
+def _rate_changed_at(sup: Supervisor, job_id: str, row: dict[str, Any], state: AttemptRuntime,
+                     listed_at: float) -> float:
+    interval_s = float(sup.table.jobs[job_id]["spec"].get("heartbeat_interval_s") or 0.0)
+    reported_at = state.reported_at if state.rate_class == "gpu" else None
+    return inst.rate_changed_at(
+        billed_through=row["billed_through"] or row["created_at"] or listed_at,
+        seen_at=state.rate_seen_at, listed_at=listed_at, reported_at=reported_at,
+        heartbeat_interval_s=interval_s,
+    )
 
 
 async def _destroy_superseded(sup: Supervisor, job_id: str) -> None:

@@ -42,6 +42,9 @@ class InstanceView:
     known: dict[Key, Instance] = field(default_factory=dict)
     complete: bool = False  # a sweep finished this tick: absence from `known` means gone
     fresh: dict[Key, Instance] = field(default_factory=dict)  # listed during this tick
+    # When this tick's list of not-running instances was taken. Every instance in `known` reads
+    # as of then: those not in `fresh` were running at that moment.
+    listed_at: float = field(default_factory=time.time)
 
     def get(self, key: Key) -> Instance | None:
         return self.known.get(key)
@@ -55,6 +58,7 @@ class InstanceTracker:
         self.known: dict[Key, Instance] = {}
         self._sweep: dict[Key, Instance] = {}
         self._token: str | None = None
+        self._troubled: set[Key] = set()
         self.sweeps_completed = 0
         self.calls_last_tick = 0
 
@@ -66,16 +70,25 @@ class InstanceTracker:
         """List what this tick may; None if the API failed (no decision rests on a failed list)."""
         self.calls_last_tick = 0
         try:
+            started = time.time()
             troubled = await self._list_troubled(sup)
+            listed_at = (started + time.time()) / 2.0
             complete = await self._advance_sweep(sup)
         except vast_errors.VastError as exc:
             log.warning("instance list failed; skipping reconcile this tick: %s", exc)
             return None
-        view = InstanceView(complete=complete)
+        view = InstanceView(complete=complete, listed_at=listed_at)
         if complete:
             self.known = self._sweep
             self._sweep = {}
             self.sweeps_completed += 1
+        for key in self._troubled - troubled.keys():
+            # Left the not-running list: it runs now, whatever the last sweep said.
+            old = self.known.get(key)
+            if old is not None and old.actual_status != "running":
+                self.known[key] = dataclasses.replace(old, actual_status="running",
+                                                      cur_state="running")
+        self._troubled = set(troubled)
         for key, instance in troubled.items():
             self.known[key] = instance
         view.known = self.known

@@ -56,6 +56,7 @@ def _note(runtime, report: Report) -> None:  # type: ignore[no-untyped-def]
     now = time.time()
     runtime.last_report = report
     runtime.last_report_at = now
+    runtime.attempt(report.attempt).reported_at = now
     runtime.unreachable_recorded = False
     if report.step > runtime.max_step:
         runtime.max_step = report.step

@@ -33,6 +33,8 @@ class AttemptRuntime:
     destroy_failures: int = 0
     missing_lists: int = 0  # consecutive complete lists that did not show the instance
     rate_class: str | None = None  # "gpu" or "storage": what the instance was last billed at
+    rate_seen_at: float | None = None  # when a list last showed the instance at that rate
+    reported_at: float | None = None  # when this attempt's worker last reported
     storage_dph: float = 0.0
     status_msg: str | None = None  # last status message seen, to tell a slow load from a stuck one
     status_changed_at: float = field(default_factory=time.time)
