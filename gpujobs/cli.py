@@ -164,6 +164,11 @@ def supervise(
     intent_timeout_s: float = typer.Option(
         60.0, help="Seconds a create with an unknown outcome may take to appear in the "
         "instance list before its attempt is given up."),
+    settle_delay_s: float = typer.Option(
+        300.0, help="Seconds after a destroy before the instance's cost is settled against "
+        "the provider's charges."),
+    settle_interval_s: float = typer.Option(
+        60.0, help="Minimum seconds between two queries of the charges endpoint."),
 ) -> None:
     """Run the supervisor for this journal until interrupted."""
     from gpujobs.cli_supervise import supervise_command
@@ -172,8 +177,13 @@ def supervise(
         raise GpujobsError(f"--pacing-scale {pacing_scale} is negative; use 0 or more")
     if intent_timeout_s <= 0:
         raise GpujobsError(f"--intent-timeout-s {intent_timeout_s} must be positive")
-    supervise_command(_settings().replace(tick_s=tick_s), pacing_scale=pacing_scale,
-                      intent_timeout_s=intent_timeout_s)
+    for flag, value in (("--settle-delay-s", settle_delay_s),
+                        ("--settle-interval-s", settle_interval_s)):
+        if value < 0:
+            raise GpujobsError(f"{flag} {value} is negative; use 0 or more")
+    settings = _settings().replace(tick_s=tick_s, settle_delay_s=settle_delay_s,
+                                   settle_interval_s=settle_interval_s)
+    supervise_command(settings, pacing_scale=pacing_scale, intent_timeout_s=intent_timeout_s)
 
 
 @app.command()

@@ -14,11 +14,16 @@ inside a segment) into pieces of one category:
   checkpoint it saved after a stop or cancel request) until the instance was destroyed, and
   every segment billed at the storage rate;
 - useful: the rest.
+
+A `CostAccrued` with `settled_usd` settles a destroyed instance against the provider's
+charges: every piece of the attempt is scaled by one factor, so the attempt's cost is the
+provider's and the split between categories keeps its proportions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -72,6 +77,7 @@ class _Attempt:
     durable_saved_at: float | None = None
     segments: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     billed_through: float | None = None
+    settlement_usd: float = 0.0  # the provider's charge less the journal's estimate
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,8 @@ def _fold(attempts: dict[int, _Attempt], event: EventLike, stopping: bool) -> No
         row.durable_step is None or data["step"] > row.durable_step
     ):
         row.durable_step, row.durable_saved_at = int(data["step"]), at
+    elif kind == "CostAccrued" and data.get("settled_usd") is not None:
+        row.settlement_usd += float(data["amount_usd"])
     elif kind == "CostAccrued":
         _add_segment(row, data)
     elif kind == "InstanceDestroyed":
@@ -217,7 +225,19 @@ def attempt_pieces_of(job_id: str, row: _Attempt) -> list[CostPiece]:
             pieces.append(CostPiece(job_id, row.number, IDLE, start, end, amount))
             continue
         pieces.extend(_cut(job_id, row.number, start, end, amount, phases))
-    return pieces
+    return _settled(job_id, row, pieces)
+
+
+def _settled(job_id: str, row: _Attempt, pieces: list[CostPiece]) -> list[CostPiece]:
+    """Scale the estimated pieces to the provider's charge, keeping their proportions."""
+    if row.settlement_usd == 0.0:
+        return pieces
+    estimated = sum(piece.amount_usd for piece in pieces)
+    if estimated <= 0.0:
+        at = row.destroyed_at or row.billed_through or 0.0
+        return [*pieces, CostPiece(job_id, row.number, IDLE, at, at, row.settlement_usd)]
+    scale = (estimated + row.settlement_usd) / estimated
+    return [dataclasses.replace(piece, amount_usd=piece.amount_usd * scale) for piece in pieces]
 
 
 def _cut(job_id: str, attempt: int, start: float, end: float, amount: float,
@@ -243,7 +263,8 @@ def _attempt_cost(job_id: str, row: _Attempt, pieces: list[CostPiece]) -> Attemp
         job_id=job_id, attempt=row.number, instance_id=row.instance_id, host_id=row.host_id,
         gpu_name=row.gpu_name, dph_total=row.dph_total, created_at=row.created_at,
         destroyed_at=row.destroyed_at, billed_s=billed_s,
-        cost_usd=sum(segment[2] for segment in row.segments), by_category=by_category,
+        cost_usd=sum(segment[2] for segment in row.segments) + row.settlement_usd,
+        by_category=by_category,
     )
 
 

@@ -201,6 +201,16 @@ def _charge_instance_id(charge: dict[str, Any]) -> int | None:
     return None
 
 
+def charges_by_instance(charges: list[dict[str, Any]]) -> dict[int, float]:
+    """Sum the charges endpoint's instance rows per instance id."""
+    charged: dict[int, float] = defaultdict(float)
+    for charge in charges:
+        instance_id = _charge_instance_id(charge)
+        if instance_id is not None and charge.get("type", "instance") == "instance":
+            charged[instance_id] += float(charge.get("amount") or 0.0)
+    return charged
+
+
 async def reconcile(costs: list[JobCost], client: Any, since: float | None = None,
                     until: float | None = None) -> list[ReconcileRow]:
     """Compare the journal's cost per instance with the API's charges over the window."""
@@ -209,12 +219,7 @@ async def reconcile(costs: list[JobCost], client: Any, since: float | None = Non
     if start is None:
         start = min(created) if created else time.time() - DAY_S
     end = until if until is not None else time.time()
-    charges = await client.charges(start=start, end=end)
-    charged: dict[int, float] = defaultdict(float)
-    for charge in charges:
-        instance_id = _charge_instance_id(charge)
-        if instance_id is not None and charge.get("type", "instance") == "instance":
-            charged[instance_id] += float(charge.get("amount") or 0.0)
+    charged = charges_by_instance(await client.charges(start=start, end=end))
     rows: list[ReconcileRow] = []
     for job in costs:
         for attempt in job.attempts:

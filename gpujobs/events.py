@@ -166,6 +166,9 @@ class CostAccrued(JobEvent):
     dph_total: float
     through: float  # unix time up to which this attempt is now billed
     rate_class: str | None = None  # "gpu" or "storage": what it bills at from `through` on
+    # Set only on the event that settles a destroyed instance: the provider's whole charge for
+    # it. `amount_usd` is then that charge less what the journal had billed, and `billed_s` is 0.
+    settled_usd: float | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,11 @@ class Settings:
     sweep_pages_per_tick: int = 4  # pages of the full instance list fetched per tick
     offer_search_limit: int = 64  # offers asked for per profile per tick
     cost_interval_s: float = 60.0
+    # Settling a destroyed instance's cost against the provider's charges: wait this long after
+    # the destroy, query at most this often, and give up on an instance after the window.
+    settle_delay_s: float = 300.0
+    settle_interval_s: float = 60.0
+    settle_window_s: float = 2 * 86400.0
 
     @property
     def journal_path(self) -> Path:

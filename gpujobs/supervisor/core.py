@@ -15,6 +15,7 @@ from gpujobs.settings import Settings
 from gpujobs.limits import load_limits
 from gpujobs.offers import load_failed_hosts
 from gpujobs.supervisor import budget_guard, jobsteps, mailbox, queue, reconcile, reporting
+from gpujobs.supervisor.settlement import Settlement
 from gpujobs.supervisor.lease import SupervisorLease
 from gpujobs.supervisor.reports import ReportServer, TokenIssuer
 from gpujobs.supervisor.state import JobTable
@@ -41,10 +42,12 @@ class Supervisor:
         self.jobs_stepped_last_tick = 0
         self.taken_offer_ids: set[int] = set()  # never rent one offer for two jobs
         self.instances = reconcile.InstanceTracker(settings.sweep_pages_per_tick)
+        self.view: reconcile.InstanceView | None = None  # this tick's instances; None if unlisted
         self.limits = load_limits(settings.limit_files())
         self.live_counts = queue.LiveCounts()
         self.queue = queue.QueuePublisher(settings.journal_path)
         self.live_rows: list[tuple[str, dict]] = []  # (job id, attempt row), once per tick
+        self.settlement = Settlement()
         self._failed_hosts: dict[int, str] = {}
         self._failed_hosts_tick = -1
         self._stopping = asyncio.Event()
@@ -57,6 +60,7 @@ class Supervisor:
         self.table = JobTable(self.store)
         await self.table.load()
         await self.table.catch_up()
+        await self.settlement.load(self)
         port = await self.reports.start(self.settings.report_host, self._report_port())
         (self.settings.home / "supervisor.port").write_text(str(port))
         self.report_url = self.settings.public_report_url or f"http://127.0.0.1:{port}"
@@ -105,7 +109,7 @@ class Supervisor:
         self.ticks += 1
         await self.lease.renew()
         await self.table.catch_up()
-        instances = await self.instances.refresh(self)
+        instances = self.view = await self.instances.refresh(self)
         if instances is not None:
             await reconcile.reconcile(self, instances)
         if self.settings.report_mode == "mailbox":
@@ -123,6 +127,7 @@ class Supervisor:
             async with self.table.runtime_for(job_id).lock:
                 await jobsteps.step_job(self, job_id, instances, offers_cache)
         await budget_guard.enforce(self)
+        await self.settlement.run(self)
         await self.queue.publish(queue.waiting_jobs(self, ordered))
 
     async def failed_hosts(self) -> dict[int, str]:

@@ -125,15 +125,24 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
     if now < state.destroy_retry_at or state.destroy_sent_at is not None:
         return
     instance_id = attempt_row["instance_id"]
-    if attempt_row["status"] != DESTROY_REQUESTED:
-        if not await sup.append(job_id, [ev.InstanceDestroyRequested(attempt, instance_id, reason)]):
+    earlier_intent = None
+    if attempt_row["status"] == DESTROY_REQUESTED:
+        if not _still_listed(sup, (job_id, attempt)):
+            # An earlier DELETE may have gone through. Only a list that still shows the
+            # instance warrants another; a sweep that misses it confirms the destroy.
             return
+        earlier_intent = attempt_row["destroy_requested_at"]
+        reason = attempt_row["end_reason"] or reason  # a retry keeps the first reason
+    # Every DELETE, the first and each retry, follows its own intent in the journal. So after a
+    # crash the last intent marks the last DELETE that may have gone out.
+    if not await sup.append(job_id, [ev.InstanceDestroyRequested(attempt, instance_id, reason)]):
+        return
     try:
         await sup.client.destroy_instance(instance_id)
     except vast_errors.InstanceNotFound:
         # Already gone: an earlier DELETE went through, perhaps before a crash. Billing then
-        # ended near the journaled intent, not now.
-        await confirm_destroyed(sup, job_id, attempt)
+        # ended near that DELETE's intent, not this one's.
+        await confirm_destroyed(sup, job_id, attempt, ended_at=earlier_intent)
         return
     except vast_errors.VastError as exc:
         state.destroy_failures += 1
@@ -149,8 +158,17 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
     state.destroy_sent_at = now
 
 
-async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int) -> None:
-    """Record the destroy (and the last cost) once the API no longer shows the instance."""
+def _still_listed(sup: Supervisor, key: tuple[str, int]) -> bool:
+    view = sup.view
+    return view is not None and (key in view.fresh or key in view.known)
+
+
+async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int,
+                            ended_at: float | None = None) -> None:
+    """Record the destroy (and the last cost) once the API no longer shows the instance.
+
+    `ended_at`, when given, is when billing ended; otherwise it is taken from the DELETE.
+    """
     row = sup.table.attempt_row(job_id, attempt)
     if row is None or row["status"] not in (CREATED, DESTROY_REQUESTED):
         return
@@ -159,7 +177,7 @@ async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int) -> None:
     events: list[ev.JobEvent] = []
     # Billing ends when the DELETE was accepted, not when a later list confirmed it. After a
     # restart that moment is unknown, so the journaled intent, appended just before, is used.
-    end = state.destroy_sent_at or row["destroy_requested_at"] or time.time()
+    end = ended_at or state.destroy_sent_at or row["destroy_requested_at"] or time.time()
     cost = cost_event(sup, job_id, row, end)
     if cost is not None:
         events.append(cost)
@@ -167,6 +185,7 @@ async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int) -> None:
     if await sup.append(job_id, events):
         runtime.attempts.pop(attempt, None)
         sup.instances.forget((job_id, attempt))
+        sup.settlement.add(job_id, sup.table.attempt_row(job_id, attempt) or {})
 
 
 def cost_event(sup: Supervisor, job_id: str, row: dict[str, Any], now: float,
@@ -192,11 +211,11 @@ def rate_changed_at(*, billed_through: float, seen_at: float | None, listed_at: 
     `listed_at`, the list that shows the new one. While the GPU was held, the worker's reports
     narrow it: the last one (`reported_at`) came before the change, and the next one, due a
     heartbeat interval later, never came. The midpoint of what is left is off by half of it at
-    most. Without a bound since the last bill, the change is billed at `listed_at`.
+    most. The old rate held at `billed_through` too, since bills run only to a moment a list
+    showed the rate, or to the creation.
     """
-    if seen_at is None or seen_at < billed_through:
-        return max(billed_through, listed_at)
-    lower, upper = seen_at, max(seen_at, listed_at)
+    lower = billed_through if seen_at is None else max(seen_at, billed_through)
+    upper = max(lower, listed_at)
     if reported_at is not None:
         lower = max(lower, min(reported_at, upper))
         if heartbeat_interval_s > 0:

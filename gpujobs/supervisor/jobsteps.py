@@ -119,8 +119,9 @@ async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None,
         state.status_msg = instance.status_msg
         state.status_changed_at = time.time()
     if state.rate_class is None:
-        # First sight since a start: the journal records the rate it billed at until now.
-        state.rate_class = row["rate_class"] or seen
+        # First sight since a start: the journal records the rate it billed at until now. An
+        # attempt not billed yet was created, and a new instance holds its GPU from creation.
+        state.rate_class = row["rate_class"] or "gpu"
     if seen == state.rate_class:
         state.rate_seen_at = listed_at
         if listed_at - (row["billed_through"] or listed_at) >= sup.settings.cost_interval_s:

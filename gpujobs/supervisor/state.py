@@ -130,6 +130,17 @@ class JobTable:
             transitions_log.info("job %s submitted: queued (profile %s)", event.stream,
                                  job["profile_name"])
 
+    async def ensure_loaded(self, job_id: str) -> bool:
+        """Bring a job that ended before this start back into memory; False if unknown."""
+        if job_id in self.jobs:
+            return True
+        async with self._lock:
+            job = await self._load_job(job_id)
+            if job is None:
+                return False
+            self.jobs[job_id] = job
+            return True
+
     async def _load_job(self, job_id: str) -> dict[str, Any] | None:
         """Rebuild a job that is not in memory (it ended before this start) from its stream."""
         self.attempts.pop(job_id, None)

@@ -20,6 +20,7 @@ from gpujobs import jobs
 from gpujobs.cost import IDLE, LOST, PROVISIONING, USEFUL, JobCost
 from gpujobs.cost_report import load_job_costs, reconcile, report_rows
 from gpujobs.emulator import Emulator
+from gpujobs.emulator.faults import FaultPlan
 from gpujobs.jobspec import JobSpec
 from gpujobs.settings import Settings, load_settings
 from gpujobs.states import JobState
@@ -134,7 +135,8 @@ class Stack:
 
 
 @asynccontextmanager
-async def live_stack(tmp_path: Path, budgets: str = BUDGETS) -> AsyncIterator[Stack]:
+async def live_stack(tmp_path: Path, budgets: str = BUDGETS,
+                     **changes: Any) -> AsyncIterator[Stack]:
     config = tmp_path / "config"
     config.mkdir()
     (config / "gpu_profiles.yaml").write_text(PROFILES)
@@ -142,7 +144,7 @@ async def live_stack(tmp_path: Path, budgets: str = BUDGETS) -> AsyncIterator[St
     home = tmp_path / "home"
     settings = load_settings(home=home).replace(
         config_dirs=(config,), tick_s=TICK_S, cost_interval_s=1.0, heartbeat_timeout_s=15.0,
-        unreachable_grace_s=15.0,
+        unreachable_grace_s=15.0, **changes,
     )
     emulator = Emulator(seed=11, loading_s=0.3, workdir=home / "emulator", time_scale=SCALE,
                         rate_limits=False)
@@ -342,3 +344,70 @@ async def test_reject_fails_job_that_cannot_fit(tmp_path: Path) -> None:
                                       "$5.00 (max_dph $0.25/h x 20 h)")
         assert job["attempt"] == 0
         assert stack.emulator.ledger() == []
+
+
+async def test_destroyed_instances_settle_to_charges(tmp_path: Path) -> None:
+    async with live_stack(tmp_path, settle_delay_s=0.0, settle_interval_s=0.2) as stack:
+        # The first two charges queries fail: settling waits for a later one.
+        stack.emulator.set_faults(FaultPlan.from_data([
+            {"kind": "burst_5xx", "endpoint": "GET /charges/", "count": 2},
+        ]))
+        job_id = await stack.submit(total_steps=400, checkpoint_every=100)
+
+        def checkpointed() -> bool:
+            job = stack.job(job_id)
+            return job["instance_id"] is not None and (job["last_checkpoint_step"] or 0) >= 100
+
+        await stack.wait_for(checkpointed, "a durable checkpoint at step 100")
+        await stack.emulator.preempt(int(stack.job(job_id)["instance_id"]), sigterm=False,
+                                     grace_s=0.0)
+        job = await stack.settled(job_id)
+        assert job["state"] == "done"
+
+        def both_settled() -> bool:
+            settlement = stack.supervisor.settlement
+            return not settlement.pending and settlement.settled == 2
+
+        await stack.wait_for(both_settled, "both instances settled against the charges")
+        # The client retries a 503 by itself, so the two failures may cost one query or two.
+        assert stack.emulator.request_count("GET /charges/") >= 3
+        events = await stack.events(job_id)
+        settling = [e for e in events if e.type == "CostAccrued" and "settled_usd" in e.data
+                    and e.data["settled_usd"] is not None]
+        assert len(settling) == 2
+        assert all(e.data["billed_s"] == 0.0 for e in settling)
+        cost = (await stack.costs())[job_id]
+        ledger = stack.ledger()
+        for attempt in cost.attempts:
+            billed = ledger[attempt.instance_id]["cost_usd"]
+            assert attempt.cost_usd == pytest.approx(billed, abs=2e-6)
+            assert sum(attempt.by_category.values()) == pytest.approx(attempt.cost_usd)
+        assert cost.cost_usd == pytest.approx(stack.emulator.total_charges_usd(), abs=4e-6)
+        # The projection folds the settling events too.
+        assert stack.job(job_id)["cost_usd"] == pytest.approx(cost.cost_usd)
+
+
+async def test_restarted_supervisor_settles_earlier_destroys(tmp_path: Path) -> None:
+    async with live_stack(tmp_path, settle_delay_s=3600.0) as stack:
+        job_id = await stack.submit(total_steps=200, checkpoint_every=100)
+        assert (await stack.settled(job_id))["state"] == "done"
+        assert len(stack.supervisor.settlement.pending) == 1
+        settings, client = stack.settings, stack.client
+        stack.supervisor.request_stop()
+        await asyncio.gather(stack.loop, return_exceptions=True)
+        await stack.supervisor.stop()
+
+        # A new supervisor finds the unsettled instance in the journal and settles it.
+        restarted = Supervisor(settings.replace(settle_delay_s=0.0, settle_interval_s=0.0),
+                               client, billing_time_scale=SCALE)
+        await restarted.start()
+        try:
+            assert len(restarted.settlement.pending) == 1
+            await restarted.tick()
+            assert restarted.settlement.settled == 1
+            assert not restarted.settlement.pending
+            cost = {c.job_id: c for c in await load_job_costs(restarted.store)}[job_id]
+        finally:
+            await restarted.stop()
+        instance_id = cost.attempts[0].instance_id
+        assert cost.cost_usd == pytest.approx(stack.ledger()[instance_id]["cost_usd"], abs=2e-6)

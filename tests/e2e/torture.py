@@ -87,11 +87,13 @@ class InstanceCost:
     instance_id: int
     label: str
     emulator_usd: float
-    journal_usd: float
+    journal_usd: float  # every CostAccrued, the settling one included
     created_at: float | None = None  # emulator lifetime
     destroyed_at: float | None = None
     billed_from: float | None = None  # span that the CostAccrued events cover
     billed_through: float | None = None
+    estimate_usd: float = 0.0  # what the supervisor billed before the charges settled it
+    settled: bool = False
 
     @property
     def start_lag_s(self) -> float:
@@ -154,6 +156,13 @@ class TortureReport:
         total = self.emulator_total_usd
         return 0.0 if total == 0 else (self.journal_total_usd - total) / total
 
+    @property
+    def estimate_gap(self) -> float:
+        """The gap before settlement: how well the supervisor's own billing did."""
+        total = self.emulator_total_usd
+        estimate = sum(c.estimate_usd for c in self.costs)
+        return 0.0 if total == 0 else (estimate - total) / total
+
     def violations(self) -> list[str]:
         """Describe every broken invariant; an empty list means the run passed."""
         found = [f"supervisor exited on its own: {text}" for text in self.supervisor_exits]
@@ -187,6 +196,8 @@ class TortureReport:
             "emulator_usd": round(self.emulator_total_usd, 6),
             "journal_usd": round(self.journal_total_usd, 6),
             "cost_gap": round(self.cost_gap, 5),
+            "estimate_gap": round(self.estimate_gap, 5),
+            "unsettled_instances": sum(1 for c in self.costs if not c.settled),
             "max_instance_gap": round(max(gaps, key=abs), 5) if gaps else 0.0,
             "mean_start_lag_s": round(_mean([c.start_lag_s for c in self.costs]), 3),
             "mean_end_lag_s": round(_mean([c.end_lag_s for c in self.costs]), 3),
@@ -236,7 +247,8 @@ class SupervisorProcess:
             out.write(f"--- supervisor start {self.generation} at {time.time():.3f}\n".encode())
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gpujobs.cli", "supervise", "--tick-s", str(self.tick_s),
-                "--pacing-scale", "0", "--intent-timeout-s", "10", env=self.env,
+                "--pacing-scale", "0", "--intent-timeout-s", "10", "--settle-delay-s", "0",
+                "--settle-interval-s", "1", env=self.env,
                 stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL,
                 cwd=self.env["PYTHONPATH"],
             )
@@ -313,7 +325,8 @@ class Chaos:
             rules.append({"kind": "offer_vanishes",
                           "probability": self.config.offer_vanish_probability})
         if self.config.chaos:
-            for endpoint in ("GET /api/v1/instances/", CREATE_ENDPOINT, DESTROY_ENDPOINT):
+            for endpoint in ("GET /api/v1/instances/", CREATE_ENDPOINT, DESTROY_ENDPOINT,
+                             "GET /charges/"):
                 kind = self.rng.choice(("burst_429", "burst_5xx", None))
                 if kind is not None:
                     rules.append({"kind": kind, "endpoint": endpoint,
@@ -409,6 +422,17 @@ def read_journal(journal_path: Path, sql: str, params: tuple = ()) -> list[tuple
 
 def read_job_states(journal_path: Path) -> dict[str, str]:
     return dict(read_journal(journal_path, "SELECT job_id, state FROM jobs"))
+
+
+def count_unsettled(journal_path: Path) -> int:
+    """Destroyed instances whose cost no event has settled against the emulator's charges."""
+    rows = read_journal(
+        journal_path,
+        "SELECT COUNT(*) FROM attempts WHERE status = 'destroyed' AND instance_id IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM events WHERE events.stream = attempts.job_id"
+        " AND type = 'CostAccrued' AND json_extract(data, '$.attempt') = attempts.attempt"
+        " AND json_extract(data, '$.settled_usd') IS NOT NULL)")
+    return int(rows[0][0]) if rows else 0
 
 
 def read_live_attempts(journal_path: Path) -> list[tuple]:
@@ -594,7 +618,8 @@ class Torture:
         while time.monotonic() < deadline:
             await self.restart_if_exited()
             if (await asyncio.to_thread(self.feeder.settled)
-                    and not self.emulator.live_instance_ids()):
+                    and not self.emulator.live_instance_ids()
+                    and not await asyncio.to_thread(count_unsettled, self.home / "journal.db")):
                 break
             await asyncio.sleep(0.5)
         else:
@@ -695,12 +720,18 @@ def find_early_destroys(ledger: list[dict[str, Any]], events: list[Any]) -> list
 def match_costs(ledger: list[dict[str, Any]], events: list[Any]) -> list[InstanceCost]:
     """Pair each instance's bill from the emulator with the CostAccrued sum in the journal."""
     journal_usd: Counter[int] = Counter()
+    estimate_usd: Counter[int] = Counter()
+    settled: set[int] = set()
     spans: dict[int, tuple[float, float]] = {}
     for event in events:
         if event.type != "CostAccrued":
             continue
         instance_id = int(event.data["instance_id"])
         journal_usd[instance_id] += float(event.data["amount_usd"])
+        if event.data.get("settled_usd") is not None:
+            settled.add(instance_id)
+            continue
+        estimate_usd[instance_id] += float(event.data["amount_usd"])
         start = float(event.data["through"]) - float(event.data["billed_s"])
         low, high = spans.get(instance_id, (start, float(event.data["through"])))
         spans[instance_id] = (min(low, start), max(high, float(event.data["through"])))
@@ -709,8 +740,9 @@ def match_costs(ledger: list[dict[str, Any]], events: list[Any]) -> list[Instanc
         low, high = spans.get(row["id"], (None, None))
         costs.append(InstanceCost(row["id"], row["label"] or "", float(row["cost_usd"]),
                                   journal_usd.pop(row["id"], 0.0), row["created_at"],
-                                  row["destroyed_at"], low, high))
-    costs += [InstanceCost(instance_id, "", 0.0, amount)
+                                  row["destroyed_at"], low, high, estimate_usd[row["id"]],
+                                  row["id"] in settled))
+    costs += [InstanceCost(instance_id, "", 0.0, amount, estimate_usd=estimate_usd[instance_id])
               for instance_id, amount in sorted(journal_usd.items())]
     return costs
 

@@ -122,3 +122,31 @@ def test_requested_stop_is_not_a_loss() -> None:
     first = job_cost("j", events).attempts[0]
     assert first.by_category[LOST] == 0.0
     assert first.by_category[USEFUL] == pytest.approx(0.07)
+
+
+def settled(events: list[StoredEvent], attempt: int, instance_id: int, charged_usd: float,
+            estimate_usd: float, at: float) -> list[StoredEvent]:
+    data = {"attempt": attempt, "instance_id": instance_id,
+            "amount_usd": charged_usd - estimate_usd, "billed_s": 0.0, "dph_total": DPH,
+            "through": at, "settled_usd": charged_usd}
+    return [*events, StoredEvent(len(events) + 1, "j", "CostAccrued", data, at + 5)]
+
+
+def test_settlement_scales_the_split() -> None:
+    cost = job_cost("j", settled(history(), 1, 11, 0.132, 0.11, 1120))
+    first = cost.attempts[0]
+    assert first.cost_usd == pytest.approx(0.132)
+    assert first.billed_s == pytest.approx(110.0)
+    assert first.by_category[PROVISIONING] == pytest.approx(0.024)
+    assert first.by_category[USEFUL] == pytest.approx(0.048)
+    assert first.by_category[LOST] == pytest.approx(0.036)
+    assert first.by_category[IDLE] == pytest.approx(0.024)
+    assert cost.attempts[1].cost_usd == pytest.approx(0.044)
+
+
+def test_settlement_without_estimate_is_idle() -> None:
+    events = [e for e in history() if not (e.type == "CostAccrued" and e.data["attempt"] == 1)]
+    first = job_cost("j", settled(events, 1, 11, 0.05, 0.0, 1120)).attempts[0]
+    assert first.cost_usd == pytest.approx(0.05)
+    assert first.by_category[IDLE] == pytest.approx(0.05)
+    assert first.by_category[USEFUL] == 0.0

@@ -33,9 +33,9 @@ def test_report_after_the_list_is_clamped_to_the_list() -> None:
     assert estimate(reported_at=125.0, heartbeat_interval_s=2.0) == pytest.approx(120.0)
 
 
-def test_no_list_since_the_last_bill_bills_the_change_at_this_list() -> None:
-    assert estimate(seen_at=None) == pytest.approx(120.0)
-    assert estimate(seen_at=90.0) == pytest.approx(120.0)
+def test_no_list_since_the_last_bill_starts_the_window_there() -> None:
+    assert estimate(seen_at=None) == pytest.approx(110.0)
+    assert estimate(seen_at=90.0) == pytest.approx(110.0)
 
 
 def test_never_before_what_was_already_billed() -> None:
