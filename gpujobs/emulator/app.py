@@ -200,6 +200,12 @@ class Emulator:
         except web.HTTPMethodNotAllowed:
             return error_response(405, "method_not_allowed", f"{request.method} is not allowed "
                                   f"on {request.path}")
+        except ConnectionResetError:
+            # The client went away while its body was read, as a killed supervisor does, so
+            # the handler stopped there and no one reads the reply.
+            logger.info("%s %s: the client closed the connection mid-request", request.method,
+                        request.path)
+            return web.Response(status=400, text="connection closed by the client")
         if response.status >= 400:
             logger.info("%s %s returned HTTP %d", request.method, request.path, response.status)
         return _corrupt(response, fault.malformed) if fault.malformed else response
