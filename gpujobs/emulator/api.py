@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gpujobs.emulator.errors import QueryError
-from gpujobs.emulator.filters import check_filters, matches, parse_order, sort_rows
+from gpujobs.emulator.filters import check_filters, compile_filters, parse_order, sort_rows
 from gpujobs.emulator.rows import (
     FILTERABLE_COLUMNS, charge_record, error_response, instance_row, json_response,
 )
@@ -140,7 +140,8 @@ class ApiRoutes:
         fast = all(column in FILTERABLE_COLUMNS for column, _ in order)
         keyed = [(_stored_columns(inst) if fast else instance_row(inst), inst)
                  for inst in self.emu.fleet.live()]
-        keyed = [(row, inst) for row, inst in keyed if matches(row, filters)]
+        test = compile_filters(filters)
+        keyed = [(row, inst) for row, inst in keyed if test(row)]
         by_id = {row["id"]: inst for row, inst in keyed}
         rows = sort_rows([row for row, _ in keyed], order + [("id", "asc")])
         limit = _page_size(request.query.get("limit"))

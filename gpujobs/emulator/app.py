@@ -148,7 +148,7 @@ class Emulator:
         return sum(inst.cost_usd() for inst in self.fleet.instances.values())
 
     def credit_usd(self) -> float:
-        return self._initial_credit_usd - self.total_charges_usd()
+        return self._initial_credit_usd - self.fleet.spend.total_usd()
 
     def request_count(self, endpoint: str | None = None) -> int:
         """API calls received, all or for one endpoint name such as ``"POST /bundles/"``."""

@@ -56,22 +56,54 @@ def check_filters(filters: Mapping[str, Any]) -> None:
 
 def matches(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
     """Return whether ``row`` passes every condition. A bare value means ``eq``."""
+    return compile_filters(filters)(row)
+
+
+def compile_filters(filters: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
+    """Return a test of rows against `filters`, for many rows at a time.
+
+    `coerce_like` depends only on the type of the row's value, so each condition coerces its
+    value once per type seen instead of once per row.
+    """
+    checks: list[_Check] = []
     for field, condition in filters.items():
-        if not isinstance(condition, Mapping):
+        if not isinstance(condition, dict):
             condition = {"eq": condition}
-        actual = row.get(field)
-        for operator, expected in condition.items():
-            if not _passes(actual, operator, expected):
+        checks.extend(_Check(field, operator, expected) for operator, expected in condition.items())
+
+    def test(row: Mapping[str, Any]) -> bool:
+        for check in checks:
+            if not check.passes(row.get(check.field)):
                 return False
-    return True
+        return True
+
+    return test
 
 
-def _passes(actual: Any, operator: str, expected: Any) -> bool:
+class _Check:
+    __slots__ = ("field", "operator", "expected", "_coerced")
+
+    def __init__(self, field: str, operator: str, expected: Any) -> None:
+        self.field, self.operator, self.expected = field, operator, expected
+        self._coerced: dict[type, Any] = {}
+
+    def passes(self, actual: Any) -> bool:
+        kind = type(actual)
+        if kind not in self._coerced:
+            self._coerced[kind] = self._coerce(actual)
+        return _passes_coerced(actual, self.operator, self._coerced[kind])
+
+    def _coerce(self, actual: Any) -> Any:
+        if self.operator in ("in", "notin"):
+            items = self.expected if isinstance(self.expected, (list, tuple)) else [self.expected]
+            return [coerce_like(actual, item) for item in items]
+        return coerce_like(actual, self.expected)
+
+
+def _passes_coerced(actual: Any, operator: str, expected: Any) -> bool:
     if operator in ("in", "notin"):
-        items = expected if isinstance(expected, (list, tuple)) else [expected]
-        found = any(actual == coerce_like(actual, item) for item in items)
+        found = any(actual == item for item in expected)
         return found if operator == "in" else not found
-    expected = coerce_like(actual, expected)
     if operator in ("eq", "neq"):
         return _COMPARE[operator](actual, expected)
     if actual is None or expected is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from gpujobs.emulator import container
-from gpujobs.emulator.billing import Meter
+from gpujobs.emulator.billing import FleetSpend, Meter
 from gpujobs.emulator.faults import FaultRule, FaultState
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class Fleet:
         self.stop_grace_s = stop_grace_s
         self._faults = faults
         self.instances: dict[int, EmulatedInstance] = {}
+        self.spend = FleetSpend()  # what every instance has cost, without a pass over them
 
     # Helpers ----------------------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class Fleet:
             env=container.parse_env_option(body.get("env")), onstart=body.get("onstart"),
             args=body.get("args"), runtype=body.get("runtype"), label=body.get("label"),
             disk_gb=float(body.get("disk") or 10.0), price=_bid(body.get("price")),
-            directory=directory, meter=Meter(time_scale=self.time_scale),
+            directory=directory, meter=Meter(time_scale=self.time_scale, fleet=self.spend),
         )
         self.instances[instance_id] = inst
         if start:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from gpujobs.emulator.filters import check_filters, matches, parse_order, sort_rows
+from gpujobs.emulator.filters import check_filters, compile_filters, parse_order, sort_rows
 
 CONTROL_KEYS = frozenset({
     "order", "type", "limit", "allocated_storage", "target_reliability", "extra_ids",
@@ -60,6 +60,7 @@ class Market:
         self._next_machine_id = 20_000 + self._rng.randrange(10_000)
         self._next_host_id = 100_000 + self._rng.randrange(100_000)
         self.offers: dict[int, dict[str, Any]] = {}
+        self._priced_cache: dict[int, dict[float, dict[str, Any]]] = {}  # offer id, storage
         self._last_host_id: int | None = None  # the highest host id so far
         self._seed_guaranteed()
         for model in GPU_MODELS:
@@ -177,19 +178,33 @@ class Market:
         if offer_type == "reserved":
             return []
         storage_gb = _float_or(query.get("allocated_storage"), DEFAULT_ALLOCATED_STORAGE_GB)
-        rows = [self.priced(offer, storage_gb) for offer in self.offers.values()]
-        rows = [row for row in rows if matches(row, filters)]
-        if offer_type == "bid":
-            for row in rows:
-                row["is_bid"] = True
+        rows = [self._priced_row(offer_id, offer, storage_gb)
+                for offer_id, offer in self.offers.items()]
+        test = compile_filters(filters)
+        rows = [row for row in rows if test(row)]
         rows = sort_rows(rows, parse_order(query.get("order") or [["score", "desc"]]))
         limit = query.get("limit")
         if limit is not None:
             rows = rows[: max(0, int(_float_or(limit, len(rows))))]
+        # Copies, so that the caller may change them and the cache stays as priced.
+        rows = [dict(row) for row in rows]
+        if offer_type == "bid":
+            for row in rows:
+                row["is_bid"] = True
         return rows
+
+    def _priced_row(self, offer_id: int, offer: Mapping[str, Any],
+                    storage_gb: float) -> dict[str, Any]:
+        """The offer priced for `storage_gb`, kept for later searches: offers never change."""
+        by_storage = self._priced_cache.setdefault(offer_id, {})
+        row = by_storage.get(storage_gb)
+        if row is None:
+            row = by_storage[storage_gb] = self.priced(offer, storage_gb)
+        return row
 
     def take(self, offer_id: int) -> dict[str, Any] | None:
         """Remove and return the offer, or None when it is rented or unknown."""
+        self._priced_cache.pop(offer_id, None)
         return self.offers.pop(offer_id, None)
 
     def relist(self, offer: Mapping[str, Any]) -> int:

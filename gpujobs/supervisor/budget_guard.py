@@ -50,6 +50,8 @@ class JobFacts:
     run_since: float | None = None  # when the current attempt's worker started
     run_attempt: int = 0
     last_cost_seq: int = 0
+    budgeted_by: int = 0  # the budget config generation that `budgeted` was computed for
+    budgeted: bool = False
 
     def running_s(self, now: float) -> float:
         open_s = now - self.run_since if self.run_since is not None else 0.0
@@ -69,6 +71,8 @@ class BudgetGuard:
     synced_tick: int = -1
     unbilled_cache: tuple[float, list[tuple[str, str, float]]] | None = None
     budgeted: dict[tuple[int, str, str], bool] = field(default_factory=dict)
+    generation: int = 1  # counts the loads of the budget config
+    live_cache: tuple[int, list[tuple[str, dict[str, Any], JobFacts]]] | None = None
 
     def fold(self, seq: int, stream: str, kind: str, data: dict[str, Any], at: float) -> None:
         if kind == "JobSubmitted":
@@ -138,6 +142,8 @@ def _reload_if_changed(guard: BudgetGuard, sup: Supervisor) -> None:
     guard.files = stamp
     try:
         guard.config = load_budgets(paths, env=guard.env)
+        guard.generation += 1
+        guard.live_cache = None
     except ConfigError as exc:
         log.error("budgets.yaml changed but is invalid, keeping the budgets in effect: %s", exc)
         return
@@ -177,6 +183,20 @@ def _live_dph(sup: Supervisor, job_id: str, row: dict[str, Any]) -> float:
     return float(row["dph_total"] or 0.0)
 
 
+def _budgeted_live(sup: Supervisor,
+                   guard: BudgetGuard) -> list[tuple[str, dict[str, Any], JobFacts]]:
+    """(job, attempt row, facts) of live instances that a budget covers, once per tick."""
+    if guard.live_cache is not None and guard.live_cache[0] == sup.ticks:
+        return guard.live_cache[1]
+    found = []
+    for job_id, row in _live_attempts(sup):
+        facts = guard.jobs.get(job_id)
+        if facts is not None and _budgeted(guard, facts):
+            found.append((job_id, row, facts))
+    guard.live_cache = (sup.ticks, found)
+    return found
+
+
 def unbilled(sup: Supervisor, guard: BudgetGuard, now: float) -> list[tuple[str, str, float]]:
     """(team, project, usd) that live instances ran up since they were last billed.
 
@@ -185,10 +205,9 @@ def unbilled(sup: Supervisor, guard: BudgetGuard, now: float) -> list[tuple[str,
     if guard.unbilled_cache is not None:
         return guard.unbilled_cache[1]
     pending = []
-    for job_id, row in _live_attempts(sup):
-        facts = guard.jobs.get(job_id)
+    for job_id, row, facts in _budgeted_live(sup, guard):
         since = row["billed_through"] or row["created_at"]
-        if facts is None or since is None or not _budgeted(guard, facts):
+        if since is None:
             continue
         usd = _live_dph(sup, job_id, row) * max(0.0, now - since) * sup.billing_time_scale / 3600
         pending.append((facts.team, facts.project, usd))
@@ -260,10 +279,13 @@ async def enforce(sup: Supervisor) -> None:
         await sup.stop_job(job_id, reason)
 
 
+_TERMINAL_VALUES = frozenset(state.value for state in JobState if state.is_terminal)
+
+
 def _stoppable(sup: Supervisor) -> list[str]:
     return [
         job_id for job_id, job in sup.table.jobs.items()
-        if not JobState(job["state"]).is_terminal and not job["stop_reason"]
+        if job["state"] not in _TERMINAL_VALUES and not job["stop_reason"]
         and not job["cancel_requested"]
     ]
 
@@ -274,9 +296,11 @@ def _stops(sup: Supervisor, guard: BudgetGuard, statuses: list[BudgetStatus],
     candidates = _stoppable(sup)
     for job_id in candidates:
         facts = guard.jobs.get(job_id)
-        if facts is not None and facts.max_duration_hours > 0 and remaining_hours(
-            sup, facts, now
-        ) <= 0:
+        if facts is None or facts.max_duration_hours <= 0:
+            continue
+        if facts.run_since is None and facts.run_closed_s == 0.0:
+            continue  # never ran: nothing used of its max duration
+        if remaining_hours(sup, facts, now) <= 0:
             ran_h = facts.running_s(now) * sup.billing_time_scale / 3600.0
             stops[job_id] = (f"max_duration_hours reached: ran {ran_h:.2f} h of "
                              f"{facts.max_duration_hours:g} h")
@@ -299,21 +323,22 @@ def _stops(sup: Supervisor, guard: BudgetGuard, statuses: list[BudgetStatus],
 def _running_in_scope(sup: Supervisor, guard: BudgetGuard,
                       candidates: list[str]) -> list[tuple[str, str, str, float]]:
     """(job, team, project, dph) of every stoppable job with a live instance."""
+    live = _budgeted_live(sup, guard)
+    if not live:
+        return []
     allowed = set(candidates)
-    found = []
-    for job_id, row in _live_attempts(sup):
-        facts = guard.jobs.get(job_id)
-        if job_id in allowed and facts is not None and _budgeted(guard, facts):
-            found.append((job_id, facts.team, facts.project, _live_dph(sup, job_id, row)))
-    return found
+    return [(job_id, facts.team, facts.project, _live_dph(sup, job_id, row))
+            for job_id, row, facts in live if job_id in allowed]
 
 
 def _budgeted(guard: BudgetGuard, facts: JobFacts) -> bool:
     """Return whether any budget covers the job's team and project."""
-    key = (id(guard.config), facts.team, facts.project)
-    if key not in guard.budgeted:
-        guard.budgeted[key] = bool(guard.config.for_job(facts.team, facts.project))
-    return guard.budgeted[key]
+    if facts.budgeted_by != guard.generation:
+        key = (guard.generation, facts.team, facts.project)
+        if key not in guard.budgeted:
+            guard.budgeted[key] = bool(guard.config.for_job(facts.team, facts.project))
+        facts.budgeted, facts.budgeted_by = guard.budgeted[key], guard.generation
+    return facts.budgeted
 
 
 def _stop_lead_s(sup: Supervisor, job_ids: list[str]) -> float:

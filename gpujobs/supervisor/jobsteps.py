@@ -11,7 +11,8 @@ from gpujobs import events as ev
 from gpujobs.offers import RankedOffer, outbid_action, rank_offers
 from gpujobs.profiles import Profile, offer_query
 from gpujobs.projections import (
-    CREATE_FAILED, CREATED, DESTROY_REQUESTED, DESTROYED, REQUESTED, WORKER_ERROR,
+    CREATE_FAILED, CREATED, DESTROY_REQUESTED, DESTROYED, LIVE_ATTEMPT_STATUSES, REQUESTED,
+    WORKER_ERROR,
 )
 from gpujobs.states import JobState
 from gpujobs.supervisor import budget_guard
@@ -33,6 +34,7 @@ PREEMPTION_GRACE_MARGIN_S = 5.0
 
 
 _TERMINAL_VALUES = frozenset(s.value for s in JobState if s.is_terminal)
+_WATCHED_VALUES = frozenset(s.value for s in WATCHED)
 
 
 def ordered_jobs(table: JobTable) -> list[str]:
@@ -54,28 +56,35 @@ def ordered_jobs(table: JobTable) -> list[str]:
 def needs_step(sup: Supervisor, job_id: str, found: InstanceView | None, now: float) -> bool:
     """False for a healthy running job with nothing due: the common case, checked cheaply.
 
-    This keeps a tick's cost at a dict lookup per healthy job, so thousands of running jobs
-    cost little more than the few that need a decision.
+    This keeps a tick's cost at a few dict lookups per healthy job, so thousands of running
+    jobs cost little more than the few that need a decision.
     """
     job = sup.table.jobs[job_id]
-    state = JobState(job["state"])
-    if state not in WATCHED or job["cancel_requested"] or job["stop_reason"] or found is None:
+    if (job["state"] not in _WATCHED_VALUES or job["cancel_requested"] or job["stop_reason"]
+            or found is None):
         return True
-    live = sup.table.live_attempts(job_id)
-    if len(live) != 1 or live[0]["status"] != CREATED or live[0]["attempt"] != job["attempt"]:
+    # Exactly one live attempt, the current one, created: anything else needs a decision.
+    number = job["attempt"]
+    rows = sup.table.attempts.get(job_id, {})
+    current = rows.get(number)
+    if current is None or current["status"] != CREATED:
         return True
-    key = (job_id, int(job["attempt"]))
+    if len(rows) > 1 and any(row is not current and row["status"] in LIVE_ATTEMPT_STATUSES
+                             for row in rows.values()):
+        return True
+    key = (job_id, number)
     if key in found.fresh or (found.complete and key not in found.known):
         return True
-    runtime = sup.table.runtime_for(job_id)
-    attempt = runtime.attempts.get(int(job["attempt"]))
+    runtime = sup.table.runtime.get(job_id)
+    attempt = None if runtime is None else runtime.attempts.get(number)
     if attempt is None or attempt.rate_class is None:
         # Not billed yet: worth a step once some list has shown the instance.
         return key in found.known
-    billed_through = live[0]["billed_through"] or now
-    return (now - billed_through >= sup.settings.cost_interval_s
-            or now - runtime.last_report_at > sup.settings.heartbeat_timeout_s
-            or now - runtime.progress_at > sup.settings.stall_timeout_s)
+    settings = sup.settings
+    billed_through = current["billed_through"] or now
+    return (now - billed_through >= settings.cost_interval_s
+            or now - runtime.last_report_at > settings.heartbeat_timeout_s
+            or now - runtime.progress_at > settings.stall_timeout_s)
 
 
 async def step_job(sup: Supervisor, job_id: str, found: InstanceView | None,
@@ -120,7 +129,7 @@ async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None,
         state.status_changed_at = time.time()
     if state.rate_class is None:
         # First sight since a start: the journal records the rate it billed at until now. An
-        # attempt not billed yet was created, and a new instance holds its GPU from creation.
+        # attempt not billed yet was just created, and a new instance bills its GPU at once.
         state.rate_class = row["rate_class"] or "gpu"
     if seen == state.rate_class:
         state.rate_seen_at = listed_at

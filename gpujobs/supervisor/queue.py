@@ -53,8 +53,10 @@ class LiveCounts:
 def waiting_jobs(sup: Supervisor, ordered: list[str]) -> list[tuple[str, int, str | None]]:
     """(job id, position, reason) for queued jobs, in the order they will be served."""
     rows = []
+    jobs = sup.table.jobs
+    queued = JobState.QUEUED.value
     for job_id in ordered:
-        if JobState(sup.table.jobs[job_id]["state"]) is not JobState.QUEUED:
+        if jobs[job_id]["state"] != queued:
             continue
         reason = sup.table.runtime_for(job_id).wait_reason
         rows.append((job_id, len(rows) + 1, reason))

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpujobs import events as ev
 from gpujobs.projections import CREATE_FAILED, DESTROYED, REQUESTED, parse_label
@@ -83,7 +83,7 @@ class InstanceTracker:
             self._sweep = {}
             self.sweeps_completed += 1
         for key in self._troubled - troubled.keys():
-            # Left the not-running list: it runs now, whatever the last sweep said.
+            # Left the not-running list: it runs now, whatever the last sweep recorded.
             old = self.known.get(key)
             if old is not None and old.actual_status != "running":
                 self.known[key] = dataclasses.replace(old, actual_status="running",
@@ -116,9 +116,11 @@ class InstanceTracker:
         return False
 
 
-# The only raw fields the supervisor reads, for storage billing. The rest of each API row is
-# dropped, because thousands of full rows would dominate the supervisor's memory.
+# The only raw fields the supervisor reads, for storage billing. The rest of each API row, and
+# the instance's env and ports, are dropped, because thousands of full rows would dominate the
+# supervisor's memory.
 KEPT_RAW_FIELDS = ("storage_total_cost", "storage_cost", "disk_space")
+_EMPTY: dict[str, Any] = {}
 
 
 def _index(page: list[Instance], into: dict[Key, Instance]) -> None:
@@ -126,7 +128,7 @@ def _index(page: list[Instance], into: dict[Key, Instance]) -> None:
         key = parse_label(instance.label)
         if key is not None:
             raw = {name: instance.raw[name] for name in KEPT_RAW_FIELDS if name in instance.raw}
-            into[key] = dataclasses.replace(instance, raw=raw)
+            into[key] = dataclasses.replace(instance, raw=raw, extra_env=_EMPTY, ports=_EMPTY)
 
 
 async def reconcile(sup: Supervisor, view: InstanceView) -> None:
