@@ -81,6 +81,8 @@ def compile_filters(filters: Mapping[str, Any]) -> Callable[[Mapping[str, Any]],
 
 
 class _Check:
+    """One operator of one field's condition, with its value coerced once per row value type."""
+
     __slots__ = ("field", "operator", "expected", "_coerced")
 
     def __init__(self, field: str, operator: str, expected: Any) -> None:

@@ -195,7 +195,7 @@ class Market:
 
     def _priced_row(self, offer_id: int, offer: Mapping[str, Any],
                     storage_gb: float) -> dict[str, Any]:
-        """The offer priced for `storage_gb`, kept for later searches: offers never change."""
+        """Return the offer priced for `storage_gb`, cached: an offer never changes once listed."""
         by_storage = self._priced_cache.setdefault(offer_id, {})
         row = by_storage.get(storage_gb)
         if row is None:

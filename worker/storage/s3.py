@@ -5,7 +5,7 @@ or is cancelled is aborted so that no orphaned parts keep costing storage.
 
 Uploads carry a Content-MD5 that the server checks, computed on a worker thread, and the
 signature does not hash the body (UNSIGNED-PAYLOAD). Over plain HTTP botocore would otherwise
-hash every body with SHA-256 on the event loop's thread, which serialised the parallel parts.
+hash every body with SHA-256 on the event loop's thread, which slowed the parallel parts.
 The signed Content-MD5 header still binds the body to the signature.
 """
 
