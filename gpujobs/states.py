@@ -31,6 +31,8 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+# The same states as the strings job rows store, for checks on every job of every tick.
+TERMINAL_VALUES = frozenset(state.value for state in TERMINAL_STATES)
 NON_TERMINAL_STATES = tuple(s for s in JobState if s not in TERMINAL_STATES)
 
 S = JobState

@@ -51,8 +51,9 @@ class Meter:
             if self.gpu_dph > 0:
                 self.gpu_billed_s += billed_s
             if self.fleet is not None:
-                self.fleet.settled_usd += elapsed_s * self._usd_per_s()
-                self.fleet.weighted_since += elapsed_s * self._usd_per_s()
+                usd = elapsed_s * self._usd_per_s()
+                self.fleet.settled_usd += usd
+                self.fleet.weighted_since += usd
         self._since = now
 
     def set_rates(self, gpu_dph: float, disk_dph: float, now: float | None = None) -> None:

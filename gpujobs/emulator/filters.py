@@ -54,13 +54,8 @@ def check_filters(filters: Mapping[str, Any]) -> None:
                                  f"{', '.join(sorted(OPERATORS))}")
 
 
-def matches(row: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
-    """Return whether ``row`` passes every condition. A bare value means ``eq``."""
-    return compile_filters(filters)(row)
-
-
 def compile_filters(filters: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
-    """Return a test of rows against `filters`, for many rows at a time.
+    """Return a test of rows against `filters`; a bare value in them means ``eq``.
 
     `coerce_like` depends only on the type of the row's value, so each condition coerces its
     value once per type seen instead of once per row.

@@ -27,7 +27,7 @@ from gpujobs.cost import RUN_ENDS
 from gpujobs.errors import ConfigError
 from gpujobs.profiles import environment_from
 from gpujobs.projections import CREATED, DESTROY_REQUESTED
-from gpujobs.states import JobState
+from gpujobs.states import TERMINAL_VALUES, JobState
 
 if TYPE_CHECKING:
     from gpujobs.supervisor.core import Supervisor
@@ -279,13 +279,10 @@ async def enforce(sup: Supervisor) -> None:
         await sup.stop_job(job_id, reason)
 
 
-_TERMINAL_VALUES = frozenset(state.value for state in JobState if state.is_terminal)
-
-
 def _stoppable(sup: Supervisor) -> list[str]:
     return [
         job_id for job_id, job in sup.table.jobs.items()
-        if job["state"] not in _TERMINAL_VALUES and not job["stop_reason"]
+        if job["state"] not in TERMINAL_VALUES and not job["stop_reason"]
         and not job["cancel_requested"]
     ]
 

@@ -14,7 +14,7 @@ from gpujobs.projections import (
     CREATE_FAILED, CREATED, DESTROY_REQUESTED, DESTROYED, LIVE_ATTEMPT_STATUSES, REQUESTED,
     WORKER_ERROR,
 )
-from gpujobs.states import JobState
+from gpujobs.states import TERMINAL_VALUES, JobState
 from gpujobs.supervisor import budget_guard
 from gpujobs.supervisor import instances as inst
 from gpujobs.supervisor.state import AttemptRuntime, JobTable
@@ -33,7 +33,6 @@ LOST_STATUSES = ("exited", "stopped", "offline", "unknown", "frozen")
 PREEMPTION_GRACE_MARGIN_S = 5.0
 
 
-_TERMINAL_VALUES = frozenset(s.value for s in JobState if s.is_terminal)
 _WATCHED_VALUES = frozenset(s.value for s in WATCHED)
 
 
@@ -49,7 +48,7 @@ def ordered_jobs(table: JobTable) -> list[str]:
     jobs = table.jobs
     return [
         job_id for job_id in table.order
-        if jobs[job_id]["state"] not in _TERMINAL_VALUES or table.live_attempts(job_id)
+        if jobs[job_id]["state"] not in TERMINAL_VALUES or table.live_attempts(job_id)
     ]
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpujobs import events as ev
 from gpujobs.cost_report import charges_by_instance
-from gpujobs.projections import DESTROYED
+from gpujobs.projections import ATTEMPT_COLUMNS, DESTROYED, decode_row
 from gpujobs.vast import errors as vast_errors
 
 if TYPE_CHECKING:
@@ -67,15 +67,12 @@ class Settlement:
                 " AND json_extract(data, '$.settled_usd') IS NOT NULL", (since,))
         }
         rows = await sup.store.query(
-            "SELECT job_id, attempt, instance_id, status, created_at, destroyed_at, cost_usd,"
-            " dph_total, billed_through FROM attempts"
+            f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM attempts"
             " WHERE status = ? AND destroyed_at >= ? AND instance_id IS NOT NULL",
             (DESTROYED, since),
         )
-        names = ("job_id", "attempt", "instance_id", "status", "created_at", "destroyed_at",
-                 "cost_usd", "dph_total", "billed_through")
         for values in rows:
-            row = dict(zip(names, values))
+            row = decode_row(ATTEMPT_COLUMNS, tuple(values))
             if (row["job_id"], int(row["attempt"])) not in settled:
                 self.add(row["job_id"], row)
 
