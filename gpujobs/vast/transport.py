@@ -72,7 +72,7 @@ class RetryPolicy:
 
 
 class Pacer:
-    """Keeps a minimum interval between the starts of two requests to the same endpoint."""
+    """Keeps a minimum interval between two requests to the same endpoint."""
 
     def __init__(self, min_interval_s: Mapping[str, float]):
         self._min_interval_s = dict(min_interval_s)
@@ -92,6 +92,16 @@ class Pacer:
                 if delay_s > 0:
                     await asyncio.sleep(delay_s)
             self._last_start[endpoint] = loop.time()
+
+    def finished(self, endpoint: str) -> None:
+        """Count the interval from the reply: the server times requests by their arrival.
+
+        A request sent on time can still arrive less than an interval after the previous one,
+        when the previous one was slower on the way. The previous reply came after the server
+        saw that request, so an interval from the reply is always enough.
+        """
+        if endpoint in self._last_start:
+            self._last_start[endpoint] = asyncio.get_running_loop().time()
 
 
 @dataclass
@@ -147,6 +157,7 @@ class Transport:
         for attempt in range(1, self.policy.max_attempts + 1):
             await self._pacer.wait_turn(endpoint)
             outcome = await self._attempt(method, full_path, params, json_body, deadline, endpoint)
+            self._pacer.finished(endpoint)
             delay_s = self._retry_delay(outcome, attempt, endpoint, full_path)
             if delay_s is None:
                 return self._finish(outcome, endpoint, full_path, expect_json)
