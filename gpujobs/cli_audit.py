@@ -95,20 +95,56 @@ def _print_table(rows: list[dict[str, Any]], default_limit: int | None) -> None:
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
+def audit_verify(
+    head: Optional[str] = typer.Option(
+        None, help="SEQ:HASH printed earlier by `gpujobs audit head`; the row with that seq "
+        "must still have that hash, so deleted or rewritten newest rows are caught too."
+    ),
+) -> None:
     """Recompute the journal's hash chain; name the first row that does not match."""
     from journal import verify_file
 
     settings = load_settings()
-    result = verify_file(settings.journal_path)
+    result = verify_file(settings.journal_path, _parse_head(head) if head else None)
     if result.ok:
-        typer.echo(f"ok: {result.event_count} events, chain verified")
+        anchored = f", head seq {head.split(':')[0]} matches" if head else ""
+        typer.echo(f"ok: {result.event_count} events, chain verified{anchored}")
         return
     typer.echo(f"journal {settings.journal_path} fails verification at seq "
                f"{result.first_bad_seq}: {result.reason}", err=True)
     # NOTE: not typer.Exit(1): gpujobs.cli.main runs the app with standalone_mode=False, and
     # click then returns typer.Exit's code instead of exiting with it.
     sys.exit(1)
+
+
+def _parse_head(text: str) -> tuple[int, str]:
+    seq_text, _, hash_text = text.partition(":")
+    valid_hash = len(hash_text) == 64 and all(c in "0123456789abcdef" for c in hash_text)
+    if not seq_text.isdigit() or not valid_hash:
+        raise GpujobsError(
+            f"invalid --head {text!r}; use SEQ:HASH as printed by `gpujobs audit head`"
+        )
+    return int(seq_text), hash_text
+
+
+@audit_app.command("head")
+def audit_head(
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON object."),
+) -> None:
+    """Print the newest event's seq and hash as SEQ:HASH; keep it outside the journal.
+
+    A later `gpujobs audit verify --head SEQ:HASH` then detects deleted or rewritten rows up to
+    that point, which the hash chain alone cannot.
+    """
+    from journal import read_head
+
+    head = read_head(load_settings().journal_path)
+    if head is None:
+        raise GpujobsError("the journal has no events yet, so it has no head to record")
+    if json_output:
+        _print_json({"seq": head[0], "hash": head[1]})
+        return
+    typer.echo(f"{head[0]}:{head[1]}")
 
 
 @audit_app.command("sql")

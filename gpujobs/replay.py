@@ -11,7 +11,8 @@ from typing import Any
 
 from journal import EventStore, RecordedEvent
 
-from gpujobs.errors import JobNotFound
+from gpujobs.audit import iso_utc
+from gpujobs.errors import GpujobsError, JobNotFound
 from gpujobs.projections import (
     ATTEMPT_COLUMNS, JOB_COLUMNS, decode_row, fold_all, fold_attempt, fold_job,
 )
@@ -78,7 +79,13 @@ def replay_events(job_id: str, events: list[RecordedEvent], *, at: float | None 
             })
             result.states_visited.append(machine.state)
     if machine is None or row is None:
-        raise ValueError(f"job {job_id} has no events before that time")
+        if at is None or not events:
+            raise ValueError(f"replay of job {job_id} got no events")
+        first = events[0].recorded_at
+        raise GpujobsError(
+            f"job {job_id} has no events at or before {iso_utc(at)}; its first event was "
+            f"recorded at {iso_utc(first)}, so give a later --at"
+        )
     if machine.state != row["state"]:
         raise AssertionError(f"state machine says {machine.state}, fold says {row['state']}")
     result.state = machine.state

@@ -20,7 +20,7 @@ from journal.errors import (
 from journal.readonly import run_readonly_query
 from journal.records import NewEvent, Projection, RecordedEvent, VerifyResult, WriterStats
 from journal.store import EventStore
-from journal.verify import verify_file
+from journal.verify import read_head, verify_file
 
 __all__ = [
     "CorruptJournal",
@@ -41,5 +41,6 @@ __all__ = [
     "VersionConflict",
     "WriterStats",
     "run_readonly_query",
+    "read_head",
     "verify_file",
 ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from journal.encoding import EVENT_COLUMNS, GENESIS_HASH, chain_hash
@@ -12,8 +14,29 @@ from journal.records import VerifyResult
 _BATCH_ROWS = 10_000
 
 
-def verify_file(path: str | Path) -> VerifyResult:
-    """Open `path` read-only and verify it; raises CorruptJournal when it is not a journal."""
+def verify_file(path: str | Path, head: tuple[int, str] | None = None) -> VerifyResult:
+    """Open `path` read-only and verify it; raises CorruptJournal when it is not a journal.
+
+    The chain alone cannot show that its newest rows were deleted, or that the whole tail was
+    rewritten with fresh hashes. `head`, a (seq, hash) pair read earlier with `read_head` and
+    kept outside the file, closes that gap: the row with that seq must still have that hash.
+    """
+    with _open_readonly(path) as conn:
+        result = verify_connection(conn)
+        if not result.ok or head is None:
+            return result
+        return _check_head(conn, result, head)
+
+
+def read_head(path: str | Path) -> tuple[int, str] | None:
+    """Return the (seq, hash) of the newest row, or None for a journal with no events."""
+    with _open_readonly(path) as conn:
+        row = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+@contextlib.contextmanager
+def _open_readonly(path: str | Path) -> Iterator[sqlite3.Connection]:
     if not Path(path).is_file():
         raise CorruptJournal(f"journal {path} does not exist; check the path")
     with sqlite_errors(path, busy_timeout_s=30.0):
@@ -21,9 +44,23 @@ def verify_file(path: str | Path) -> VerifyResult:
         try:
             if not _has_events_table(conn):
                 raise CorruptJournal(f"{path} has no events table, so it is not a journal file")
-            return verify_connection(conn)
+            yield conn
         finally:
             conn.close()
+
+
+def _check_head(conn: sqlite3.Connection, result: VerifyResult, head: tuple[int, str]) -> VerifyResult:
+    seq, expected_hash = head
+    row = conn.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
+    if row is None:
+        reason = (f"seq {seq} of the recorded head is missing: the journal ends at seq "
+                  f"{result.event_count}, so newer rows were deleted")
+        return VerifyResult(False, result.event_count, seq, reason)
+    if row[0] != expected_hash:
+        reason = (f"seq {seq} has hash {row[0][:16]}..., but the recorded head has "
+                  f"{expected_hash[:16]}...; the chain was rewritten up to or past it")
+        return VerifyResult(False, result.event_count, seq, reason)
+    return result
 
 
 def verify_connection(conn: sqlite3.Connection) -> VerifyResult:
