@@ -2,12 +2,15 @@
 
 PyYAML follows YAML 1.1, where `no` reads as false and `1e-4` as a string. This loader reads
 `1e-4` as a float, as YAML 1.2 does. It keeps the 1.1 booleans, but an error names them where a
-string was expected. Each key keeps its line, so that an error can point at it, and a
-duplicate key is rejected instead of the last one winning.
+string was expected. It rejects the 1.1 numbers that users rarely mean: base 60 (`1:30` is 90),
+a leading zero (`010` is octal 8), and `.nan` or `.inf`, which would pass every range check.
+Each key keeps its line, so that an error can point at it, and a duplicate key is rejected
+instead of the last one winning.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,53 @@ _StrictLoader.add_implicit_resolver(
 )
 
 
+# YAML 1.1 integers that YAML 1.2 and most readers take differently.
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$")
+_OCTAL = re.compile(r"^[-+]?0[0-7_]+$")
+
+
+class _SurprisingScalar(Exception):
+    """A number that YAML 1.1 reads in a way the user rarely means; the mapping adds the key."""
+
+    def __init__(self, problem: str, line: int) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.line = line
+
+
+def _construct_int(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    value = loader.construct_yaml_int(node)
+    text = str(node.value)
+    line = node.start_mark.line + 1
+    if _SEXAGESIMAL.match(text):
+        raise _SurprisingScalar(
+            f"YAML 1.1 reads {text} as the base-60 number {value}; write {value}, "
+            f"or quote '{text}' for a string", line)
+    if _OCTAL.match(text):
+        decimal = text.replace("_", "").lstrip("+-").lstrip("0") or "0"
+        raise _SurprisingScalar(
+            f"YAML 1.1 reads {text} as the octal number {value}; write {decimal} without "
+            f"the leading zero, or quote '{text}' for a string", line)
+    return value
+
+
+def _construct_float(loader: _StrictLoader, node: yaml.ScalarNode) -> float:
+    value = loader.construct_yaml_float(node)
+    text = str(node.value)
+    line = node.start_mark.line + 1
+    if not math.isfinite(value):
+        raise _SurprisingScalar(f"expected a finite number, got {text}", line)
+    if _SEXAGESIMAL.match(text):
+        raise _SurprisingScalar(
+            f"YAML 1.1 reads {text} as the base-60 number {value:g}; write {value:g}, "
+            f"or quote '{text}' for a string", line)
+    return value
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)  # type: ignore[arg-type]
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _construct_float)  # type: ignore[arg-type]
+
+
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> Located:
     values: dict[str, Any] = {}
     lines: dict[str, int] = {}
@@ -58,7 +108,11 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> Located
                 f"duplicate key {key!r} (first at line {lines[key]}); keep only one",
                 path=loader.name, line=line, key=key,
             )
-        values[key] = loader.construct_object(value_node, deep=True)
+        try:
+            values[key] = loader.construct_object(value_node, deep=True)
+        except _SurprisingScalar as exc:
+            raise ConfigError(f"{key}: {exc.problem}", path=loader.name, line=exc.line,
+                              key=key) from None
         lines[key] = line
     return Located(values, lines, node.start_mark.line + 1, loader.name)
 
@@ -84,6 +138,8 @@ def load_yaml_text(text: str, name: str) -> Any:
     loader.name = name
     try:
         return loader.get_single_data()
+    except _SurprisingScalar as exc:
+        raise ConfigError(exc.problem, path=name, line=exc.line) from None
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else None
         raise ConfigError(f"invalid YAML: {exc.problem}", path=name, line=line) from exc

@@ -32,6 +32,18 @@ CASES = [
      "2: budgets[0]: missing required key 'period'; use one of day, week, month, total"),
     ("zero limit", BASE.replace("limit_usd: 100", "limit_usd: 0"),
      "3: budgets[0]: limit_usd: must be greater than 0, got 0"),
+    ("nan limit", BASE.replace("limit_usd: 100", "limit_usd: .nan"),
+     "3: limit_usd: expected a finite number, got .nan"),
+    ("infinite limit", BASE.replace("limit_usd: 100", "limit_usd: .inf"),
+     "3: limit_usd: expected a finite number, got .inf"),
+    ("nan alert", BASE.replace("[0.5, 0.8]", "[0.5, .NaN]"),
+     "5: alert_at: expected a finite number, got .NaN"),
+    ("octal limit", BASE.replace("limit_usd: 100", "limit_usd: 0100"),
+     "3: limit_usd: YAML 1.1 reads 0100 as the octal number 64; write 100 without the "
+     "leading zero, or quote '0100' for a string"),
+    ("base 60 limit", BASE.replace("limit_usd: 100", "limit_usd: 1:40"),
+     "3: limit_usd: YAML 1.1 reads 1:40 as the base-60 number 100; write 100, or quote "
+     "'1:40' for a string"),
     ("quoted limit", BASE.replace("limit_usd: 100", "limit_usd: '100'"),
      "3: budgets[0]: limit_usd: expected a number, got the string '100'; remove the quotes"),
     ("unordered alerts", BASE.replace("[0.5, 0.8]", "[0.8, 0.5]"),

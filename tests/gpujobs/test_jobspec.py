@@ -30,6 +30,19 @@ CASES = [
      "6: job spec: step_delay_s: expected a number, got the string 'fast'"),
     ("out of range", BASE + "step_delay_s: 61\n",
      "6: job spec: step_delay_s: must be at most 60, got 61"),
+    ("nan grace", BASE + "grace_period_s: .nan\n",
+     "6: grace_period_s: expected a finite number, got .nan"),
+    ("infinite grace", BASE + "grace_period_s: +.inf\n",
+     "6: grace_period_s: expected a finite number, got +.inf"),
+    ("base 60 steps", BASE.replace("total_steps: 100", "total_steps: 1:30"),
+     "5: total_steps: YAML 1.1 reads 1:30 as the base-60 number 90; write 90, or quote "
+     "'1:30' for a string"),
+    ("octal steps", BASE.replace("total_steps: 100", "total_steps: 010"),
+     "5: total_steps: YAML 1.1 reads 010 as the octal number 8; write 10 without the "
+     "leading zero, or quote '010' for a string"),
+    ("octal env value", BASE + "env:\n  PORT: 0755\n",
+     "7: PORT: YAML 1.1 reads 0755 as the octal number 493; write 755 without the leading "
+     "zero, or quote '0755' for a string"),
     ("too few steps", BASE.replace("total_steps: 100", "total_steps: 0"),
      "5: job spec: total_steps: must be at least 1, got 0"),
     ("priority range", BASE + "priority: 5000\n",

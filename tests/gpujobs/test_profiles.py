@@ -53,6 +53,18 @@ ERROR_CASES = [
      "6: profile 'small': reliability_min: must be at most 1, got 1.5"),
     ("zero price", BASE.replace("max_dph: 0.25", "max_dph: 0"),
      "5: profile 'small': max_dph: must be greater than 0, got 0"),
+    ("nan price", BASE.replace("max_dph: 0.25", "max_dph: .nan"),
+     "5: max_dph: expected a finite number, got .nan"),
+    ("infinite hours", BASE.replace("max_duration_hours: 2", "max_duration_hours: .inf"),
+     "7: max_duration_hours: expected a finite number, got .inf"),
+    ("infinite wait", BASE + "    resume_wait_s: .inf\n",
+     "8: resume_wait_s: expected a finite number, got .inf"),
+    ("base 60 hours", BASE.replace("max_duration_hours: 2", "max_duration_hours: 1:30"),
+     "7: max_duration_hours: YAML 1.1 reads 1:30 as the base-60 number 90; write 90, or "
+     "quote '1:30' for a string"),
+    ("octal disk", BASE + "    disk_gb: 010\n",
+     "8: disk_gb: YAML 1.1 reads 010 as the octal number 8; write 10 without the leading "
+     "zero, or quote '010' for a string"),
     ("fractional gpus", BASE.replace("num_gpus: 1", "num_gpus: 1.5"),
      "4: profile 'small': num_gpus: expected a whole number, got float 1.5"),
     ("too many gpus", BASE.replace("num_gpus: 1", "num_gpus: 65"),
