@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from gpujobs.demo import DemoOptions, run_demo
-from gpujobs.jobs import open_journal
-from gpujobs.replay import check_projections
-from gpujobs.settings import load_settings
 from journal import verify_file
 
 REQUIRED_STATES = {"queued", "provisioning", "running", "checkpointing", "preempted", "resumed",
@@ -36,23 +33,62 @@ def check_summary(summary: dict) -> None:
     assert summary["cost_usd"] == pytest.approx(summary["emulator_charges_usd"], rel=0.03)
 
 
-@pytest.mark.timeout(240)
-async def test_demo_in_process(tmp_path: Path) -> None:
-    options = DemoOptions(home=tmp_path / "home", step_delay_s=0.01, grace_period_s=3.0)
-    lines: list[str] = []
-    summary = await run_demo(options, lines.append)
-    check_summary(summary)
-    assert any("preempting instance" in line for line in lines)
+TRANSITION_LINE = re.compile(
+    r"^\d\d:\d\d:\d\d  job (?P<job>[\w-]+) attempt (?P<attempt>\d+): "
+    r"(?P<before>\w+) -> (?P<after>\w+) \((?P<event>\w+)\)$"
+)
 
-    settings = load_settings(home=tmp_path / "home")
-    assert verify_file(settings.journal_path).ok
-    store = await open_journal(settings)
-    try:
-        count, differences = await check_projections(store)
-    finally:
-        await store.close()
-    assert count > 20
-    assert differences == []
+
+@pytest.mark.timeout(300)
+def test_demo_prints_transitions(tmp_path: Path) -> None:
+    """`gpujobs demo` without GPUJOBS_HOME: names its new folder and prints every transition."""
+    env = {key: value for key, value in os.environ.items() if key != "GPUJOBS_HOME"}
+    env["TMPDIR"] = str(tmp_path)
+    done = subprocess.run(
+        [*GPUJOBS, "demo", "--step-delay-s", "0.01"],
+        env=env, capture_output=True, text=True, timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+
+    home = Path(re.search(r"^gpujobs demo: state in (\S+)$", done.stdout, re.M).group(1))
+    assert home.parent == tmp_path.resolve()
+    assert home.name.startswith("gpujobs-demo-")
+    assert (home / "journal.db").is_file()
+
+    transitions = [m.groupdict() for m in map(TRANSITION_LINE.match, lines) if m]
+    visited = {t["after"] for t in transitions}
+    assert REQUIRED_STATES - {"queued"} <= visited
+    assert transitions[-1]["after"] == "done"
+    assert {t["attempt"] for t in transitions} == {"1", "2"}
+    assert len({t["job"] for t in transitions}) == 1
+
+    resumed = re.search(r"last durable checkpoint before the preemption: step (\d+); "
+                        r"resumed from step (\d+)$", done.stdout, re.M)
+    assert resumed is not None, done.stdout
+    assert int(resumed.group(1)) == int(resumed.group(2)) > 0
+    accuracy = re.search(r"held-out accuracy: (\d\.\d+)$", done.stdout, re.M)
+    assert float(accuracy.group(1)) >= 0.95
+    assert re.search(r"instances alive: 0$", done.stdout, re.M)
+
+    # The printed replay command works after the demo has exited.
+    command = re.search(r"replay it: (.+)$", done.stdout, re.M).group(1)
+    assert command == f"GPUJOBS_HOME={home} gpujobs replay --job {transitions[0]['job']}"
+    replay_env = dict(env, GPUJOBS_HOME=str(home))
+    replayed = subprocess.run(
+        [*GPUJOBS, "replay", "--job", transitions[0]["job"], "--json"],
+        env=replay_env, capture_output=True, text=True, timeout=60,
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    replay = json.loads(replayed.stdout)
+    assert replay["state"] == "done"
+    assert [(t["from"], t["to"]) for t in replay["transitions"]] == [
+        (t["before"], t["after"]) for t in transitions
+    ]
+    assert verify_file(home / "journal.db").ok
+    checked = subprocess.run([*GPUJOBS, "replay", "--all", "--check"], env=replay_env,
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 @pytest.mark.timeout(300)
