@@ -40,14 +40,32 @@ class Rejected:
     reason: str
 
 
+def bid_floor(offer: Offer) -> float | None:
+    """Return the lowest bid an interruptible offer accepts: min_bid, else its listed dph."""
+    return offer.min_bid if offer.min_bid is not None else offer.dph_total
+
+
+def capped_bid(floor: float, profile: Profile) -> float | None:
+    """Compute the floor plus the margin, capped at max_dph; None when the floor is above it.
+
+    The bid is rounded to 4 decimals, but never down below the floor, which would lose.
+    """
+    if floor > profile.max_dph:
+        return None
+    bid = round(floor * (1.0 + profile.bid_margin), 4)
+    if bid < floor:
+        bid = round(bid + 0.0001, 4)
+    return min(bid, profile.max_dph)
+
+
 def bid_for(offer: Offer, profile: Profile) -> float | None:
-    """Bid for an interruptible offer: min_bid plus the margin, never above max_dph."""
+    """Bid for an interruptible offer, or None for on-demand or a floor above max_dph."""
     if not profile.interruptible:
         return None
-    floor = offer.min_bid if offer.min_bid is not None else offer.dph_total
+    floor = bid_floor(offer)
     if floor is None:
         return None
-    return round(min(floor * (1.0 + profile.bid_margin), profile.max_dph), 4)
+    return capped_bid(floor, profile)
 
 
 def hourly_price(offer: Offer, profile: Profile) -> float | None:
@@ -72,11 +90,8 @@ def outbid_action(profile: Profile, instance: Instance) -> tuple[str, float | No
     """
     if profile.on_preemption != "rebid" or not profile.interruptible:
         return "migrate", None
-    floor = instance.min_bid
-    if floor is None or floor > profile.max_dph:
-        return "migrate", None
-    price = round(min(floor * (1.0 + profile.bid_margin), profile.max_dph), 4)
-    if price < floor:
+    price = None if instance.min_bid is None else capped_bid(instance.min_bid, profile)
+    if price is None:
         return "migrate", None
     return "rebid", price
 
@@ -88,6 +103,10 @@ def check_offer(offer: Offer, profile: Profile, excluded_hosts: Mapping[int, str
         return f"gpu {offer.gpu_name!r} is not {' or '.join(profile.gpu_names)}"
     if offer.num_gpus != profile.num_gpus:
         return f"{offer.num_gpus} GPUs, profile needs {profile.num_gpus}"
+    floor = bid_floor(offer) if profile.interruptible else None
+    if floor is not None and floor > profile.max_dph:
+        return (f"min_bid ${floor:.3f}/h is above max_dph ${profile.max_dph:.3f}/h; "
+                "a bid within the cap would lose")
     price = hourly_price(offer, profile)
     if price is None or price > profile.max_dph:
         shown = "unknown" if price is None else f"${price:.3f}/h"

@@ -84,6 +84,24 @@ def test_bid_is_min_bid_plus_margin_capped() -> None:
     assert "bid = min_bid $0.100 + 10%, capped at $0.200" in ranked[0].reason
 
 
+def test_bid_never_rounds_below_min_bid() -> None:
+    no_margin = Profile("n", ("RTX 4090",), 1, 0.20, 0.90, 2.0, interruptible=True,
+                        bid_margin=0.0, on_preemption="rebid")
+    assert bid_for(offer(1, min_bid=0.12344), no_margin) == 0.1235
+    assert outbid_action(no_margin, instance(0.12344)) == ("rebid", 0.1235)
+
+
+def test_min_bid_above_max_dph_is_rejected() -> None:
+    ranked, rejected = rank_offers([offer(1, min_bid=0.21, dph_total=0.15),
+                                    offer(2, min_bid=0.19)], BID)
+    assert [r.offer.id for r in ranked] == [2]
+    assert ranked[0].bid_price == 0.20
+    assert [(r.offer.id, r.reason) for r in rejected] == [
+        (1, "min_bid $0.210/h is above max_dph $0.200/h; a bid within the cap would lose"),
+    ]
+    assert bid_for(offer(1, min_bid=0.21), BID) is None
+
+
 @pytest.mark.parametrize("profile, min_bid, expected", [
     (BID, 0.10, ("rebid", 0.11)),
     (BID, 0.19, ("rebid", 0.20)),  # the margin is cut at max_dph
