@@ -85,11 +85,14 @@ def submit(
     team: str = typer.Option("default", help="Team the job is billed to."),
     project: str = typer.Option("default", help="Project the job is billed to."),
     total_steps: int = typer.Option(600, help="Training steps."),
+    env: Optional[str] = typer.Option(
+        None, "--env", help="Environment whose profile overrides apply (default: GPUJOBS_ENV)."),
     json_output: bool = typer.Option(False, "--json"),
 ) -> None:
     """Submit a job; a running `gpujobs supervise` picks it up."""
     from gpujobs.jobs import submit as submit_job
     from gpujobs.jobspec import JobSpec, check_name, load_spec
+    from gpujobs.profiles import environment_from
 
     if spec_file is not None:
         spec = load_spec(spec_file)
@@ -100,7 +103,8 @@ def submit(
             check_name(value, what)
         spec = JobSpec(name=name, profile=profile, team=team, project=project,
                        total_steps=total_steps)
-    job_id = asyncio.run(submit_job(_settings(), spec))
+    settings = _settings().replace(env=environment_from(env))
+    job_id = asyncio.run(submit_job(settings, spec))
     if json_output:
         _print_json({"job_id": job_id, "state": "queued"})
     else:
@@ -169,9 +173,12 @@ def supervise(
         "the provider's charges."),
     settle_interval_s: float = typer.Option(
         60.0, help="Minimum seconds between two queries of the charges endpoint."),
+    env: Optional[str] = typer.Option(
+        None, "--env", help="Environment whose budget overrides apply (default: GPUJOBS_ENV)."),
 ) -> None:
     """Run the supervisor for this journal until interrupted."""
     from gpujobs.cli_supervise import supervise_command
+    from gpujobs.profiles import environment_from
 
     if pacing_scale < 0:
         raise GpujobsError(f"--pacing-scale {pacing_scale} is negative; use 0 or more")
@@ -182,7 +189,8 @@ def supervise(
         if value < 0:
             raise GpujobsError(f"{flag} {value} is negative; use 0 or more")
     settings = _settings().replace(tick_s=tick_s, settle_delay_s=settle_delay_s,
-                                   settle_interval_s=settle_interval_s)
+                                   settle_interval_s=settle_interval_s,
+                                   env=environment_from(env))
     supervise_command(settings, pacing_scale=pacing_scale, intent_timeout_s=intent_timeout_s)
 
 

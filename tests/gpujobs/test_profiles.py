@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,81 @@ def test_profiles_table_lists_names(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert result.exit_code == 0, result.output
     assert "small" in result.output
     assert "RTX 4090" in result.output
+
+
+def submitted_profile(home: Path, job_id: str) -> dict:
+    """Read the profile that the job's JobSubmitted event recorded in the journal."""
+    import asyncio
+
+    from journal import EventStore
+
+    async def read() -> dict:
+        store = await EventStore.open(home / "journal.db")
+        try:
+            events = await store.read_stream(job_id)
+        finally:
+            await store.close()
+        return events[0].data["profile"]
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("flag, variable, expected_dph", [
+    (["--env", "dev"], None, 0.5),
+    (["--env", "dev"], "prod", 0.5),  # the flag wins over GPUJOBS_ENV
+    ([], "dev", 0.5),
+    ([], None, 0.25),
+])
+def test_submit_env_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: list[str],
+                         variable: str | None, expected_dph: float) -> None:
+    from gpujobs.cli import app
+
+    config = tmp_path / "config"
+    config.mkdir()
+    write(config, ENVS)
+    monkeypatch.setenv("GPUJOBS_CONFIG_DIR", str(config))
+    if variable is not None:
+        monkeypatch.setenv("GPUJOBS_ENV", variable)
+    result = CliRunner().invoke(app, ["submit", "--profile", "small", "--json", *flag])
+    assert result.exit_code == 0, result.output
+    job_id = json.loads(result.output)["job_id"]
+    home = Path(os.environ["GPUJOBS_HOME"])
+    assert submitted_profile(home, job_id)["max_dph"] == expected_dph
+
+
+def test_submit_unknown_env_is_rejected(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpujobs.cli import app
+
+    config = tmp_path / "config"
+    config.mkdir()
+    path = write(config, ENVS)
+    monkeypatch.setenv("GPUJOBS_CONFIG_DIR", str(config))
+    result = CliRunner().invoke(app, ["submit", "--profile", "small", "--env", "staging"])
+    assert result.exit_code != 0
+    shipped = SHIPPED_CONFIG_DIR / "gpu_profiles.yaml"
+    assert str(result.exception) == (
+        f"environment 'staging' is not defined in {shipped}, {path}; defined: dev, prod; add "
+        "it under 'environments:' or fix GPUJOBS_ENV / --env"
+    )
+
+
+@pytest.mark.parametrize("flag, variable, expected", [
+    (["--env", "prod"], None, "prod"),
+    (["--env", "prod"], "dev", "prod"),
+    ([], "dev", "dev"),
+    ([], None, None),
+])
+def test_supervise_env_flag(monkeypatch: pytest.MonkeyPatch, flag: list[str],
+                            variable: str | None, expected: str | None) -> None:
+    import gpujobs.cli_supervise
+    from gpujobs.cli import app
+
+    if variable is not None:
+        monkeypatch.setenv("GPUJOBS_ENV", variable)
+    started: list = []
+    monkeypatch.setattr(gpujobs.cli_supervise, "supervise_command",
+                        lambda settings, **options: started.append(settings))
+    result = CliRunner().invoke(app, ["supervise", *flag])
+    assert result.exit_code == 0, result.output
+    assert [settings.env for settings in started] == [expected]
