@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAGE_MAX = 25
-LOGS_READY_AFTER_S = 0.3
 
 
 def _route_pairs(path: str) -> tuple[str, ...]:
@@ -96,8 +95,8 @@ class ApiRoutes:
             logger.info("fault: offer %d taken by another renter", offer_id)
         offer = self.emu.market.take(offer_id)
         if offer is None:
-            return error_response(404, "invalid_args", f"error 404/3603: no_such_ask Instance "
-                                  f"type by id {offer_id} is not available.", ask_id=offer_id)
+            return _offer_gone(offer_id, rented=self.emu.market.was_rented(offer_id),
+                               cancel_unavail=bool(body.get("cancel_unavail")))
         return self._rent(offer_id, offer, body)
 
     def _rent(self, offer_id: int, offer: dict, body: dict) -> web.Response:
@@ -232,9 +231,13 @@ class ApiRoutes:
             return error_response(400, "invalid_args", "tail must be a number of lines")
         token = secrets.token_hex(16)
         self._logs[token] = {"instance": inst, "tail": tail,
-                             "ready_at": time.monotonic() + LOGS_READY_AFTER_S, "text": None}
+                             "ready_at": time.monotonic() + self._logs_ready_real_s(),
+                             "text": None}
         return json_response({"success": True, "result_url": f"{self.emu.url}/_logs/{token}.log",
                               "msg": "Logs will be uploaded to the result url shortly."})
+
+    def _logs_ready_real_s(self) -> float:
+        return self.emu.fleet.real_s(self.emu.logs_ready_s)
 
     async def log_result(self, request: web.Request) -> web.Response:
         """Unauthenticated, like the object-store URL the real API hands out."""
@@ -283,6 +286,20 @@ class ApiRoutes:
         return json_response({"success": True, "count": len(page), "total": len(records),
                               "results": page,
                               "next_token": _encode_token(offset + len(page)) if more else None})
+
+
+def _offer_gone(offer_id: int, *, rented: bool, cancel_unavail: bool) -> web.Response:
+    """Answer a create for an offer that is not on the market.
+
+    A rented offer gives 410 when the create set ``cancel_unavail`` (the instance cannot
+    start, and the caller asked for no stopped instance); otherwise, and for an id that was
+    never listed, the API gives 404.
+    """
+    if rented and cancel_unavail:
+        return error_response(410, "no_such_ask", f"error 410/3907: no_such_ask Instance type "
+                              f"{offer_id} is no longer available.", ask_id=offer_id)
+    return error_response(404, "invalid_args", f"error 404/3603: no_such_ask Instance type by "
+                          f"id {offer_id} is not available.", ask_id=offer_id)
 
 
 def _no_such_instance() -> web.Response:

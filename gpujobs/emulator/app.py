@@ -8,7 +8,6 @@ import logging
 import secrets
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Awaitable, Mapping
@@ -17,7 +16,8 @@ from aiohttp import web
 
 from gpujobs.emulator.api import ApiRoutes
 from gpujobs.emulator.errors import EmulatorError, FaultPlanError
-from gpujobs.emulator.faults import FaultPlan, FaultState, HttpFault
+from gpujobs.emulator.faults import FaultPlan, FaultState
+from gpujobs.emulator.injected import corrupt, injected_response
 from gpujobs.emulator.instances import Fleet
 from gpujobs.emulator.market import Market
 from gpujobs.emulator.ratelimit import DEFAULT_THRESHOLDS_S, RateLimiter, too_frequent_body
@@ -35,14 +35,24 @@ class Emulator:
 
     ``rate_limits`` is True for the real per-endpoint thresholds, False for none, or a mapping
     of endpoint name (``"PUT /asks/{id}/"``) to seconds.
+
+    ``time_scale`` is emulated seconds per real second. Billing, ``loading_s``,
+    ``stop_grace_s``, ``logs_ready_s`` and the plan's timed faults and grace periods all count
+    emulated seconds, so a test at 3600 bills an hour and loads for ``loading_s / 3600`` real
+    seconds. Rate-limit thresholds and slow responses stay in real seconds.
     """
 
     def __init__(self, *, seed: int = 0, api_key: str | None = None, time_scale: float = 1.0,
                  loading_s: float = 2.0, faults: FaultPlan | None = None,
                  workdir: Path | None = None, rate_limits: bool | Mapping[str, float] = True,
                  offers_per_gpu: int | None = None, credit_usd: float = 1000.0,
-                 stop_grace_s: float = 2.0):
+                 stop_grace_s: float = 2.0, logs_ready_s: float = 0.3):
+        if time_scale <= 0:
+            raise EmulatorError(f"time_scale must be > 0 (emulated seconds per real second), "
+                                f"got {time_scale!r}")
         self.seed = seed
+        self.time_scale = time_scale
+        self.logs_ready_s = logs_ready_s
         self.api_key_generated = api_key is None
         self.api_key = api_key or secrets.token_hex(32)
         self.url = ""
@@ -121,12 +131,16 @@ class Emulator:
         return inst
 
     async def preempt(self, instance_id: int, *, sigterm: bool = True, grace_s: float = 5.0) -> None:
-        """Outbid the instance: SIGTERM, ``grace_s`` real seconds, SIGKILL; all states stopped."""
+        """Outbid the instance: SIGTERM, ``grace_s`` emulated seconds, SIGKILL; all stopped."""
         await self.fleet.preempt(self._instance(instance_id), sigterm=sigterm, grace_s=grace_s)
 
     async def set_offline(self, instance_id: int) -> None:
         """Drop the instance's host: the process is killed and the status reads "offline"."""
-        await self.fleet.set_offline(self._instance(instance_id))
+        await self.fleet.drop_host(self._instance(instance_id), "offline")
+
+    async def set_unknown(self, instance_id: int) -> None:
+        """Lose the host's heartbeat: the process is killed and the status reads "unknown"."""
+        await self.fleet.drop_host(self._instance(instance_id), "unknown")
 
     def set_faults(self, plan: FaultPlan) -> None:
         self.fault_state = FaultState(plan, self.seed)
@@ -185,7 +199,7 @@ class Emulator:
         if fault.delay_s:
             await asyncio.sleep(fault.delay_s)
         if fault.status is not None:
-            return _injected_response(fault)
+            return injected_response(fault)
         failure = self._auth_failure(request, public=endpoint in _PUBLIC_ENDPOINTS)
         if failure is not None:
             return failure
@@ -208,11 +222,18 @@ class Emulator:
             return web.Response(status=400, text="connection closed by the client")
         if response.status >= 400:
             logger.info("%s %s returned HTTP %d", request.method, request.path, response.status)
-        return _corrupt(response, fault.malformed) if fault.malformed else response
+        if fault.disconnect and request.transport is not None:
+            # The request took effect, but the reply is lost: the client sees the server
+            # disconnect and cannot tell whether it did.
+            logger.info("fault: %s %s handled, connection closed without a reply",
+                        request.method, request.path)
+            request.transport.close()
+        return corrupt(response, fault.malformed) if fault.malformed else response
 
     def _register_control(self, app: web.Application) -> None:
         app.router.add_post("/_emulator/instances/{instance_id:\\d+}/preempt", self._http_preempt)
         app.router.add_post("/_emulator/instances/{instance_id:\\d+}/offline", self._http_offline)
+        app.router.add_post("/_emulator/instances/{instance_id:\\d+}/unknown", self._http_unknown)
         app.router.add_get("/_emulator/ledger", self._http_ledger)
         app.router.add_post("/_emulator/faults", self._http_faults)
 
@@ -227,11 +248,10 @@ class Emulator:
         return json_response({"success": True})
 
     async def _http_offline(self, request: web.Request) -> web.Response:
-        try:
-            await self.set_offline(int(request.match_info["instance_id"]))
-        except EmulatorError as exc:
-            return error_response(404, "no_such_instance", str(exc))
-        return json_response({"success": True})
+        return await _control(self.set_offline(int(request.match_info["instance_id"])))
+
+    async def _http_unknown(self, request: web.Request) -> web.Response:
+        return await _control(self.set_unknown(int(request.match_info["instance_id"])))
 
     async def _http_ledger(self, request: web.Request) -> web.Response:
         return json_response({"ledger": self.ledger(),
@@ -245,6 +265,14 @@ class Emulator:
         return json_response({"success": True, "rules": len(self.fault_state.plan.rules)})
 
 
+async def _control(action: Awaitable[None]) -> web.Response:
+    try:
+        await action
+    except EmulatorError as exc:
+        return error_response(404, "no_such_instance", str(exc))
+    return json_response({"success": True})
+
+
 async def _json_or_empty(request: web.Request) -> dict:
     if not request.can_read_body:
         return {}
@@ -253,29 +281,3 @@ async def _json_or_empty(request: web.Request) -> dict:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {"rules": data}
-
-
-def _injected_response(fault: HttpFault) -> web.Response:
-    if fault.search_quota:
-        reset = int(time.time()) // 86400 * 86400 + 86400
-        response = json_response({"success": False, "error": "search_quota_exceeded",
-                                  "msg": "Daily search quota exceeded"}, 429)
-        response.headers["X-RateLimit-Reset"] = str(reset)
-        return response
-    if fault.status == 429:
-        response = web.Response(status=429, text="API requests too frequent")
-        if fault.retry_after_s is not None:
-            response.headers["Retry-After"] = f"{fault.retry_after_s:g}"
-        return response
-    return web.Response(status=fault.status or 503, text="<html><body><h1>"
-                        f"{fault.status} Service Unavailable</h1></body></html>",
-                        content_type="text/html")
-
-
-def _corrupt(response: web.StreamResponse, form: str) -> web.Response:
-    body = response.body if isinstance(response, web.Response) else b""
-    if form == "truncated" and isinstance(body, (bytes, bytearray)) and len(body) > 1:
-        return web.Response(body=bytes(body[: len(body) // 2]), status=response.status,
-                            content_type="application/json")
-    return web.Response(status=response.status, content_type="text/html",
-                        text="<!DOCTYPE html><html><body>Just a moment...</body></html>")

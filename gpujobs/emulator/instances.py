@@ -4,6 +4,9 @@ Lifecycle: created with ``actual_status`` null, then ``loading`` for ``loading_s
 command starts and the instance is ``running`` until the command ends (``exited``, with the
 exit code in ``status_msg``). A user stop, a preemption and a host failure change the state
 fields the way the real API does; see each method.
+
+Every duration here (loading, a timed fault's delay, a grace period) is in emulated seconds;
+the fleet waits that many divided by ``time_scale`` in real seconds.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ from gpujobs.emulator.faults import FaultRule, FaultState
 logger = logging.getLogger(__name__)
 
 # cur_state values in which the GPU is reserved and billed, loading included.
-# NOTE: an exited container keeps billing the GPU until it is stopped or destroyed, and an
-# offline host bills storage only. The real API documents neither case.
+# NOTE: an exited container keeps billing the GPU until it is stopped or destroyed, and a
+# dropped host bills storage only. The real API documents neither case.
 _GPU_BILLED_STATES = frozenset({"running"})
+# actual_status values of a dropped host: "offline" when disconnected, "unknown" when its
+# heartbeat stopped.
+HOST_DOWN_STATUSES = frozenset({"offline", "unknown"})
+# Statuses from which a start request boots the instance again although cur_state is running.
+_RESTARTABLE_STATUSES = HOST_DOWN_STATUSES | {"exited"}
 
 
 @dataclass
@@ -99,6 +107,10 @@ class Fleet:
 
     # Helpers ----------------------------------------------------------------------------
 
+    def real_s(self, emulated_s: float) -> float:
+        """Convert emulated seconds into the real seconds to wait."""
+        return emulated_s / self.time_scale
+
     def live(self) -> list[EmulatedInstance]:
         return [inst for inst in self.instances.values() if not inst.destroyed]
 
@@ -119,7 +131,7 @@ class Fleet:
             setattr(inst, name, value)
         if inst.destroyed:
             inst.meter.set_rates(0.0, 0.0)
-        elif inst.cur_state in _GPU_BILLED_STATES and inst.actual_status != "offline":
+        elif inst.cur_state in _GPU_BILLED_STATES and not _host_down(inst):
             inst.meter.set_rates(inst.gpu_dph, inst.disk_dph)
         else:
             inst.meter.set_rates(0.0, inst.disk_dph)
@@ -156,7 +168,7 @@ class Fleet:
     async def _boot(self, inst: EmulatedInstance) -> None:
         inst.generation += 1
         generation = inst.generation
-        loading_s = self.loading_s + self._faults().extra_loading_s(inst.id)
+        loading_s = self.real_s(self.loading_s + self._faults().extra_loading_s(inst.id))
         provisioning_s = min(0.25 * loading_s, 0.5)  # actual_status stays null this long
         await asyncio.sleep(provisioning_s)
         if not self._still_booting(inst, generation):
@@ -193,19 +205,20 @@ class Fleet:
             self._set(inst, actual_status="exited", status_msg=f"container exited with code {code}")
 
     async def _fire(self, inst: EmulatedInstance, rule: FaultRule, generation: int) -> None:
-        await asyncio.sleep(rule.after_s)
+        await asyncio.sleep(self.real_s(rule.after_s))
         if inst.generation != generation or inst.destroyed or inst.cur_state != "running":
             return
         if rule.kind == "preempt":
             await self.preempt(inst, sigterm=rule.sigterm, grace_s=rule.grace_s)
         else:
-            await self.set_offline(inst)
+            await self.drop_host(inst, rule.kind)
 
     async def _kill(self, inst: EmulatedInstance, *, sigterm: bool, grace_s: float) -> None:
         inst.generation += 1  # cancels a pending boot and makes the watcher ignore this exit
         process, inst.process = inst.process, None
         if process is not None:
-            code = await container.terminate(process, sigterm=sigterm, grace_s=grace_s)
+            code = await container.terminate(process, sigterm=sigterm,
+                                             grace_s=self.real_s(grace_s))
             logger.info("instance %d: process group %d ended with code %s", inst.id,
                         process.pid, code)
 
@@ -224,7 +237,7 @@ class Fleet:
 
     async def start(self, inst: EmulatedInstance) -> None:
         """Start a stopped instance on the same machine; the command runs again."""
-        if inst.cur_state == "running" and inst.actual_status not in ("offline", "exited"):
+        if inst.cur_state == "running" and inst.actual_status not in _RESTARTABLE_STATUSES:
             return
         await self._kill(inst, sigterm=False, grace_s=0.0)
         self._set(inst, actual_status=None, intended_status="running", cur_state="running",
@@ -238,10 +251,13 @@ class Fleet:
         self._set(inst, actual_status="stopped", intended_status="stopped", cur_state="stopped",
                   next_state="stopped", status_msg="instance stopped: outbid by a higher bid")
 
-    async def set_offline(self, inst: EmulatedInstance) -> None:
-        """Host failure: the processes die and the instance reads "offline"."""
+    async def drop_host(self, inst: EmulatedInstance, status: str) -> None:
+        """Host failure: the processes die and the instance reads "offline" or "unknown"."""
+        if status not in HOST_DOWN_STATUSES:
+            raise ValueError(f"host status {status!r} is invalid; use offline or unknown")
         await self._kill(inst, sigterm=False, grace_s=0.0)
-        self._set(inst, actual_status="offline", status_msg="host is offline")
+        message = "host is offline" if status == "offline" else "no heartbeat from the host"
+        self._set(inst, actual_status=status, status_msg=message)
 
     async def destroy(self, inst: EmulatedInstance) -> None:
         """Kill the process group at once and stop billing; the row disappears from the API."""
@@ -256,6 +272,10 @@ class Fleet:
             for task in list(inst.tasks):
                 task.cancel()
             await self._kill(inst, sigterm=False, grace_s=0.0)
+
+
+def _host_down(inst: EmulatedInstance) -> bool:
+    return inst.actual_status in HOST_DOWN_STATUSES
 
 
 def _bid(value: Any) -> float | None:

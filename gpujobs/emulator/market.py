@@ -60,6 +60,7 @@ class Market:
         self._next_machine_id = 20_000 + self._rng.randrange(10_000)
         self._next_host_id = 100_000 + self._rng.randrange(100_000)
         self.offers: dict[int, dict[str, Any]] = {}
+        self._rented: set[int] = set()  # offers taken off the market by a create
         self._priced_cache: dict[int, dict[float, dict[str, Any]]] = {}  # offer id, storage
         self._last_host_id: int | None = None  # the highest host id so far
         self._seed_guaranteed()
@@ -205,7 +206,14 @@ class Market:
     def take(self, offer_id: int) -> dict[str, Any] | None:
         """Remove and return the offer, or None when it is rented or unknown."""
         self._priced_cache.pop(offer_id, None)
-        return self.offers.pop(offer_id, None)
+        offer = self.offers.pop(offer_id, None)
+        if offer is not None:
+            self._rented.add(offer_id)
+        return offer
+
+    def was_rented(self, offer_id: int) -> bool:
+        """Whether the offer was listed once and then rented, by us or another renter."""
+        return offer_id in self._rented
 
     def relist(self, offer: Mapping[str, Any]) -> int:
         """Put a released machine back on the market under a new offer id."""

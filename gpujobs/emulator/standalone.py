@@ -5,22 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from pathlib import Path
 
 from gpujobs.emulator.app import Emulator
-from gpujobs.emulator.faults import FaultPlan
+from gpujobs.emulator.errors import EmulatorError
+from gpujobs.emulator.faults import FaultPlan, FaultRule, rules_from_flags
 
 
 async def serve(port: int = 0, seed: int = 0, faults_path: Path | None = None,
                 api_key: str | None = None, time_scale: float = 1.0,
-                loading_s: float = 2.0) -> None:
+                loading_s: float = 2.0, extra_rules: tuple[FaultRule, ...] = ()) -> None:
     """Start the emulator, print its URL (and the key when it generated one), run until a signal.
 
-    This is the one place the generated key is printed: the user needs it to call the emulator.
+    ``extra_rules`` (from command-line flags) run after the rules of the plan file. This is
+    the one place the generated key is printed: the user needs it to call the emulator.
     """
-    faults = FaultPlan.from_file(faults_path) if faults_path else None
+    plan = FaultPlan.from_file(faults_path) if faults_path else FaultPlan()
+    plan = plan.with_rules(extra_rules)
     emulator = Emulator(seed=seed, api_key=api_key, time_scale=time_scale,
-                        loading_s=loading_s, faults=faults)
+                        loading_s=loading_s, faults=plan)
     url = await emulator.start(port=port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -31,12 +35,36 @@ async def serve(port: int = 0, seed: int = 0, faults_path: Path | None = None,
         print(f"export VAST_URL={url}", flush=True)
         if emulator.api_key_generated:
             print(f"export VAST_API_KEY={emulator.api_key}", flush=True)
+        if plan.rules:
+            kinds = ", ".join(rule.kind for rule in plan.rules)
+            print(f"fault rules: {kinds}", flush=True)
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await emulator.stop()
         print("Vast.ai emulator stopped", flush=True)
+
+
+def add_fault_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the flags that `rules_from_flags` turns into fault rules."""
+    group = parser.add_argument_group("faults (added to the rules of --faults)")
+    group.add_argument("--preempt-after", type=float, metavar="S",
+                       help="preempt every instance S emulated seconds after it starts running")
+    group.add_argument("--preempt-grace", type=float, default=5.0, metavar="S",
+                       help="emulated seconds between SIGTERM and SIGKILL on preemption")
+    group.add_argument("--hard-kill", action="store_true",
+                       help="preempt with SIGKILL alone, with no SIGTERM first")
+    group.add_argument("--offline-after", type=float, metavar="S",
+                       help="drop every instance's host (status offline) after S seconds")
+    group.add_argument("--unknown-after", type=float, metavar="S",
+                       help="stop every host's heartbeat (status unknown) after S seconds")
+    group.add_argument("--fail-rate", type=float, metavar="P",
+                       help="answer this share of API requests (0 to 1) with HTTP 503")
+    group.add_argument("--slow-s", type=float, metavar="S",
+                       help="delay every API response by S real seconds")
+    group.add_argument("--vanish-rate", type=float, metavar="P",
+                       help="chance (0 to 1) that an offer is taken just before a create")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,9 +76,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faults", type=Path, default=None, help="fault plan, YAML or JSON")
     parser.add_argument("--api-key", default=None, help="key to accept (default: generate one)")
     parser.add_argument("--time-scale", type=float, default=1.0,
-                        help="billed seconds per real second")
+                        help="emulated seconds per real second, for billing and every delay")
     parser.add_argument("--loading-s", type=float, default=2.0,
-                        help="real seconds an instance spends loading before its command starts")
+                        help="emulated seconds an instance spends loading before its command")
+    add_fault_flags(parser)
     options = parser.parse_args(argv)
-    asyncio.run(serve(options.port, options.seed, options.faults, options.api_key,
-                      options.time_scale, options.loading_s))
+    try:
+        rules = rules_from_flags(
+            preempt_after_s=options.preempt_after, preempt_grace_s=options.preempt_grace,
+            hard_kill=options.hard_kill, offline_after_s=options.offline_after,
+            unknown_after_s=options.unknown_after, fail_rate=options.fail_rate,
+            slow_s=options.slow_s, vanish_rate=options.vanish_rate,
+        )
+        asyncio.run(serve(options.port, options.seed, options.faults, options.api_key,
+                          options.time_scale, options.loading_s, rules))
+    except EmulatorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -116,26 +116,33 @@ class VastClient:
                               env: Mapping[str, str] | None = None, onstart: str | None = None,
                               args: list[str] | None = None, runtype: str | None = None,
                               label: str | None = None, disk_gb: float = 10.0,
-                              price: float | None = None) -> int:
+                              price: float | None = None, cancel_unavail: bool = False) -> int:
         """Rent an offer and return the new instance id (``new_contract``).
 
-        ``price`` makes the instance interruptible at that bid in $/hour. Raises
-        OfferUnavailable when the offer is gone and BidTooLow (with the stopped instance's id)
-        when the bid is below ``min_bid``.
+        ``price`` makes the instance interruptible at that bid in $/hour. ``cancel_unavail``
+        asks the API to fail (410) rather than create a stopped instance that cannot start.
+        Raises OfferUnavailable when the offer is gone and BidTooLow (with the stopped
+        instance's id) when the bid is below ``min_bid``.
+
+        A create is not idempotent: a retry after a lost reply would find the offer rented
+        and report it gone. So only a 429 or a refused connection is retried. A timeout, a 5xx
+        or a dropped connection raises ConnectionFailed or ServerError at once, and the
+        instance may exist: look for it by ``label`` before renting again.
         """
         body: dict[str, Any] = {
             "client_id": "me", "image": image, "env": dict(env or {}), "price": price,
             "disk": disk_gb, "label": label, "extra": None, "onstart": onstart,
             "image_login": None, "python_utf8": False, "lang_utf8": False,
             "use_jupyter_lab": False, "jupyter_dir": None, "force": False,
-            "cancel_unavail": False, "template_hash_id": None, "user": None,
+            "cancel_unavail": cancel_unavail, "template_hash_id": None, "user": None,
         }
         if args is not None:
             body["args"] = list(args)
             runtype = runtype or "args"
         if runtype:
             body["runtype"] = runtype
-        payload = await self._call("PUT", f"/asks/{int(offer_id)}/", json_body=body)
+        payload = await self._call("PUT", f"/asks/{int(offer_id)}/", json_body=body,
+                                   idempotent=False)
         contract = payload.get("new_contract") if isinstance(payload, dict) else None
         if contract is None:
             raise errors.InvalidResponse(

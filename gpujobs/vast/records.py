@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+# actual_status values of an instance whose host dropped.
+HOST_LOST_STATUSES = frozenset({"offline", "unknown"})
+
 
 def to_int(value: Any) -> int | None:
     """Return ``value`` as an int, or None when it is null or not a number."""
@@ -195,6 +198,14 @@ class Instance:
         An outbid interruptible instance reads this way, and so does one the user stopped.
         """
         return self.cur_state == self.intended_status == self.next_state == "stopped"
+
+    @property
+    def host_lost(self) -> bool:
+        """Whether the host dropped: "offline" (disconnected) or "unknown" (no heartbeat).
+
+        Vast.ai documents that either status can recover later.
+        """
+        return self.actual_status in HOST_LOST_STATUSES
 
     @property
     def ssh_address(self) -> tuple[str, int] | None:

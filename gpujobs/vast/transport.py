@@ -3,6 +3,11 @@
 Retries 429/502/503/504, connection errors and timeouts with capped exponential backoff and
 full jitter, honours Retry-After, keeps a minimum interval between requests to each endpoint
 (the API's limits are per endpoint) and stops at a total deadline across retries.
+
+A request that is not idempotent (a create) is retried only when the server certainly did not
+act on it: a 429, or a connection that was never established. After a timeout, a 5xx or a
+connection lost once the request was sent, it may have taken effect, so the transport raises
+at once and leaves the caller to find out what happened.
 """
 
 from __future__ import annotations
@@ -147,8 +152,13 @@ class Transport:
         return headers
 
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                      json_body: Any = None, expect_json: bool = True) -> Any:
-        """Send one API call with retries; ``path`` is relative to the API root."""
+                      json_body: Any = None, expect_json: bool = True,
+                      idempotent: bool = True) -> Any:
+        """Send one API call with retries; ``path`` is relative to the API root.
+
+        With ``idempotent=False``, an outcome the server may have acted on raises at once
+        (ServerError for a 5xx, ConnectionFailed for a timeout or a lost connection).
+        """
         full_path = api_path(path)
         endpoint = endpoint_key(method, full_path)
         loop = asyncio.get_running_loop()
@@ -161,6 +171,8 @@ class Transport:
             delay_s = self._retry_delay(outcome, attempt, endpoint, full_path)
             if delay_s is None:
                 return self._finish(outcome, endpoint, full_path, expect_json)
+            if not idempotent and not _certainly_not_processed(outcome):
+                raise self._unknown_outcome(outcome, endpoint, full_path)
             if attempt == self.policy.max_attempts:
                 break
             if loop.time() + delay_s >= deadline:
@@ -234,6 +246,20 @@ class Transport:
             f"network and the API URL {self.base_url}", endpoint=endpoint,
         )
 
+    def _unknown_outcome(self, outcome: _Outcome, endpoint: str,
+                         path: str) -> errors.VastError:
+        """Build the error for a non-idempotent request that may have taken effect."""
+        advice = ("it was not retried because it may have taken effect; check whether it did "
+                  "before sending it again")
+        if outcome.failure is None:
+            error = self._error(outcome, endpoint, path)
+            if type(error) is not errors.ServerError:
+                return error  # a body that says what happened, such as a bid too low
+            return errors.ServerError(f"{error}; {advice}", endpoint=endpoint,
+                                      status=outcome.status)
+        return errors.ConnectionFailed(f"{endpoint} failed: {_describe(outcome)}; {advice}",
+                                       endpoint=endpoint)
+
     def _raise_deadline(self, endpoint: str, attempts: int, outcome: _Outcome) -> None:
         raise errors.DeadlineExceeded(
             f"{endpoint} did not succeed within the {self.policy.deadline_s:.1f}s deadline "
@@ -250,6 +276,17 @@ class Transport:
                 return resp.status, await resp.read()
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
             return 0, b""
+
+
+def _certainly_not_processed(outcome: _Outcome) -> bool:
+    """Whether the server surely did not act on the request: a 429, or no connection at all.
+
+    A connect timeout and a refused connection happen before a byte of the request is sent.
+    """
+    if outcome.failure is None:
+        return outcome.status == 429
+    return isinstance(outcome.failure, (aiohttp.ClientConnectorError,
+                                        aiohttp.ConnectionTimeoutError))
 
 
 def _header(outcome: _Outcome, name: str) -> str | None:

@@ -18,8 +18,10 @@ def no_real_api(monkeypatch, tmp_path):
 
 @pytest.fixture
 async def emulator(tmp_path):
-    emu = Emulator(seed=21, loading_s=0.2, rate_limits=False, workdir=tmp_path / "emu",
-                   time_scale=3600.0, stop_grace_s=1.0)
+    # At 3600 emulated seconds per real second, loading takes 0.2 real seconds and a user
+    # stop grants 1 real second of grace.
+    emu = Emulator(seed=21, loading_s=720.0, rate_limits=False, workdir=tmp_path / "emu",
+                   time_scale=3600.0, stop_grace_s=3600.0, logs_ready_s=1080.0)
     await emu.start()
     yield emu
     await emu.stop()
