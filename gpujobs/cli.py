@@ -197,17 +197,43 @@ def supervise(
 @app.command()
 def emulator(
     port: int = typer.Option(0, help="Port on 127.0.0.1; 0 picks a free one."),
-    seed: int = typer.Option(0, help="Seed of the emulated market."),
+    seed: int = typer.Option(0, help="Seed of the emulated market and of random faults."),
     faults: Optional[Path] = typer.Option(None, help="Fault plan file (YAML or JSON)."),
     api_key: Optional[str] = typer.Option(None, help="Key to accept; generated if omitted."),
-    time_scale: float = typer.Option(1.0, help="Billed seconds per real second."),
-    loading_s: float = typer.Option(2.0, help="Seconds an instance stays loading."),
+    time_scale: float = typer.Option(
+        1.0, help="Emulated seconds per real second, for billing and every emulated delay."),
+    loading_s: float = typer.Option(2.0, help="Emulated seconds an instance stays loading."),
+    preempt_after: Optional[float] = typer.Option(
+        None, help="Preempt every instance this many emulated seconds after it runs."),
+    preempt_grace: float = typer.Option(
+        5.0, help="Emulated seconds between SIGTERM and SIGKILL on preemption."),
+    hard_kill: bool = typer.Option(False, help="Preempt with SIGKILL alone, no SIGTERM."),
+    offline_after: Optional[float] = typer.Option(
+        None, help="Drop every host (status offline) this many emulated seconds after start."),
+    unknown_after: Optional[float] = typer.Option(
+        None, help="Stop every host's heartbeat (status unknown) after this many seconds."),
+    fail_rate: Optional[float] = typer.Option(
+        None, help="Share of API requests (0 to 1) answered with HTTP 503."),
+    slow_s: Optional[float] = typer.Option(
+        None, help="Real seconds added before every API response."),
+    vanish_rate: Optional[float] = typer.Option(
+        None, help="Chance (0 to 1) that an offer is taken just before a create."),
 ) -> None:
-    """Run the local Vast.ai emulator until interrupted."""
-    from gpujobs.emulator import serve
+    """Run the local Vast.ai emulator until interrupted; fault flags add to --faults."""
+    from gpujobs.emulator import EmulatorError, serve
+    from gpujobs.emulator.faults import rules_from_flags
 
-    asyncio.run(serve(port=port, seed=seed, faults_path=faults, api_key=api_key,
-                      time_scale=time_scale, loading_s=loading_s))
+    try:
+        rules = rules_from_flags(
+            preempt_after_s=preempt_after, preempt_grace_s=preempt_grace, hard_kill=hard_kill,
+            offline_after_s=offline_after, unknown_after_s=unknown_after, fail_rate=fail_rate,
+            slow_s=slow_s, vanish_rate=vanish_rate,
+        )
+        asyncio.run(serve(port=port, seed=seed, faults_path=faults, api_key=api_key,
+                          time_scale=time_scale, loading_s=loading_s, extra_rules=rules))
+    except EmulatorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 def main() -> None:
