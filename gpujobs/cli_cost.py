@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gpujobs.cost_report import (
-    FORMATS, GROUPINGS, ReconcileRow, ReportRow, format_rows, load_job_costs, parse_time,
-    plot_report, reconcile, report_rows, total_row,
+    FORMATS, GROUPINGS, ReconcileRow, ReportRow, check_plot_grouping, format_rows,
+    load_job_costs, parse_time, plot_report, reconcile, report_rows, total_row,
 )
 from gpujobs.errors import GpujobsError
 from gpujobs.settings import Settings, load_settings
@@ -63,6 +63,8 @@ def cost_report(
         raise GpujobsError(f"invalid --by {by!r}; use one of {', '.join(GROUPINGS)}")
     if fmt not in FORMATS:
         raise GpujobsError(f"invalid --format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if plot is not None:
+        check_plot_grouping(by)
     start = parse_time(since) if since else None
     end = parse_time(until) if until else None
     rows, checked = asyncio.run(build_report(load_settings(), by, start, end,

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 GROUPINGS = ("team", "project", "job", "gpu", "day")
 FORMATS = ("table", "json", "csv")
+PLOT_GROUPINGS = ("team", "project")  # a line per group over time stays readable for these
 RECONCILE_TOLERANCE = 0.01  # a difference above 1% of the charge is flagged
 
 
@@ -239,30 +240,37 @@ async def reconcile(costs: list[JobCost], client: Any, since: float | None = Non
 def plot_report(costs: list[JobCost], path: Path, by: str = "team", since: float | None = None,
                 until: float | None = None) -> Path:
     """Draw cumulative spend over time per team or project, and useful vs wasted spend."""
+    check_plot_grouping(by)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    group_by = by if by in ("team", "project") else "team"
     fig, (timeline, split) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = _cumulative(costs, group_by, since, until)
+    series = _cumulative(costs, by, since, until)
     for group, points in sorted(series.items()):
         times = [datetime.fromtimestamp(t, tz=timezone.utc) for t, _ in points]
         timeline.plot(times, [usd for _, usd in points], label=group)
-    timeline.set_title(f"cumulative spend per {group_by}")
+    timeline.set_title(f"cumulative spend per {by}")
     timeline.set_ylabel("USD")
     timeline.set_xlabel("time (UTC)")
     timeline.tick_params(axis="x", labelrotation=30)
     if series:
         timeline.legend()
-    rows = report_rows(costs, group_by, since, until)
+    rows = report_rows(costs, by, since, until)
     _stacked_bars(split, rows)
-    split.set_title(f"useful vs wasted spend per {group_by}")
+    split.set_title(f"useful vs wasted spend per {by}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def check_plot_grouping(by: str) -> None:
+    """Raise GpujobsError unless the plot can group by `by` (team or project)."""
+    if by not in PLOT_GROUPINGS:
+        raise GpujobsError(f"--plot draws spend per team or project, not per {by}; use --by "
+                           "team or --by project with --plot")
 
 
 def _cumulative(costs: list[JobCost], by: str, since: float | None, until: float | None,

@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import json
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from gpujobs.cost import job_costs
 from gpujobs.cost_report import (
     StoredEvent, format_rows, parse_time, plot_report, reconcile, report_rows,
 )
+from gpujobs.emulator import Emulator
 from gpujobs.errors import GpujobsError
 from gpujobs.jobs import open_journal
 from gpujobs.settings import load_settings
+from gpujobs.vast.client import VastClient
 from tests.gpujobs.test_cost import history
 
 MIDNIGHT = datetime(2026, 12, 5, tzinfo=timezone.utc).timestamp()
@@ -135,25 +138,27 @@ async def test_reconcile_flags_differences() -> None:
     assert not rows[33].matches
 
 
-async def _journal(home: Path) -> None:
+async def _journal(home: Path, instance_id: int = 77,
+                   amounts: tuple[float, float] = (0.25, 0.05)) -> None:
+    """Journal one finished job billed on `instance_id` at the two amounts, times now."""
     store = await open_journal(load_settings(home=home))
     history = [
         ev.JobSubmitted("j1", "j", "red", "x", "dev-test", {}, {}),
         ev.OfferSelected(1, 501, 9, 4242, "RTX 4090", 1, 0.2, 0.99, None),
         ev.InstanceRequested(1, 501, "gpujobs:j1:1"),
-        ev.InstanceCreated(1, 77, "gpujobs:j1:1", 0.2),
+        ev.InstanceCreated(1, instance_id, "gpujobs:j1:1", 0.2),
         ev.WorkerStarted(1, 0),
-        ev.CostAccrued(1, 77, 0.25, 4500.0, 0.2, 0.0),
+        ev.CostAccrued(1, instance_id, amounts[0], 4500.0, 0.2, 0.0),
         ev.JobCompleted(1, 10),
-        ev.InstanceDestroyRequested(1, 77, "job done"),
-        ev.CostAccrued(1, 77, 0.05, 900.0, 0.2, 0.0),
-        ev.InstanceDestroyed(1, 77),
+        ev.InstanceDestroyRequested(1, instance_id, "job done"),
+        ev.CostAccrued(1, instance_id, amounts[1], 900.0, 0.2, 0.0),
+        ev.InstanceDestroyed(1, instance_id),
     ]
     try:
         for event in history:
             if isinstance(event, ev.CostAccrued):
-                event = ev.CostAccrued(1, 77, event.amount_usd, event.billed_s, 0.2,
-                                       __import__("time").time())
+                event = ev.CostAccrued(1, instance_id, event.amount_usd, event.billed_s, 0.2,
+                                       time.time())
             version = await store.stream_version("j1")
             await store.append("j1", [event.to_new_event()], expected_version=version)
     finally:
@@ -202,3 +207,109 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     path = plot_report(two_jobs(), tmp_path / "spend.png", "project")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 10_000
+
+
+def test_plot_rejects_other_groupings(tmp_path: Path) -> None:
+    for by in ("job", "gpu", "day"):
+        with pytest.raises(GpujobsError) as caught:
+            plot_report(two_jobs(), tmp_path / "spend.png", by)
+        assert str(caught.value) == (f"--plot draws spend per team or project, not per {by}; "
+                                     "use --by team or --by project with --plot")
+    assert not (tmp_path / "spend.png").exists()
+
+
+async def invoke(*args: str) -> Any:
+    return await asyncio.to_thread(CliRunner().invoke, command_app(), list(args))
+
+
+async def test_command_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("GPUJOBS_HOME", str(home))
+    await _journal(home)
+    png = tmp_path / "spend.png"
+    result = await invoke("--by", "project", "--plot", str(png), "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(result.stdout)["total"]["cost_usd"] == pytest.approx(0.30)
+    bad = await invoke("--by", "gpu", "--plot", str(tmp_path / "gpu.png"))
+    assert bad.exit_code != 0
+    assert str(bad.exception) == ("--plot draws spend per team or project, not per gpu; use "
+                                  "--by team or --by project with --plot")
+    assert not (tmp_path / "gpu.png").exists()
+
+
+async def test_command_since_until(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("GPUJOBS_HOME", str(home))
+    await _journal(home)
+    now = time.time()
+    hour_ago = datetime.fromtimestamp(now - 3600, tz=timezone.utc).isoformat()
+    cases = [
+        (["--since", hour_ago], 0.30),
+        (["--since", hour_ago, "--until", str(now + 3600)], 0.30),
+        (["--since", str(now + 3600)], 0.0),
+        (["--until", str(now - 3600)], 0.0),
+    ]
+    for window, expected in cases:
+        result = await invoke("--format", "json", *window)
+        assert result.exit_code == 0, (window, result.output)
+        total = json.loads(result.output)["total"]["cost_usd"]
+        assert total == pytest.approx(expected), window
+    bad = await invoke("--since", "yesterday")
+    assert bad.exit_code != 0
+    assert str(bad.exception) == ("invalid time 'yesterday'; use ISO 8601 (2026-12-04 or "
+                                  "2026-12-04T16:30:00) or unix seconds")
+
+
+@pytest.fixture
+async def emulator(tmp_path: Path) -> Any:
+    emu = Emulator(seed=5, rate_limits=False, workdir=tmp_path / "emu", time_scale=3600.0,
+                   loading_s=0.1)
+    url = await emu.start()
+    yield emu, url
+    await emu.stop()
+
+
+async def rent_and_destroy(emu: Emulator, url: str) -> tuple[int, float]:
+    """Rent the cheapest offer for a moment, then destroy it; returns (instance id, cost)."""
+    async with VastClient(api_key=emu.api_key, base_url=url) as client:
+        offer = (await client.search_offers(order=[("dph_total", "asc")], limit=1))[0]
+        instance_id = await client.create_instance(offer.id, image="gpujobs/worker:latest",
+                                                   onstart="sleep 30")
+        await asyncio.sleep(0.3)
+        await client.destroy_instance(instance_id)
+    (row,) = [row for row in emu.ledger() if row["id"] == instance_id]
+    return instance_id, row["cost_usd"]
+
+
+async def test_command_reconcile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 emulator: Any) -> None:
+    emu, url = emulator
+    monkeypatch.setenv("VAST_URL", url)
+    monkeypatch.setenv("VAST_API_KEY", emu.api_key)
+    monkeypatch.setenv("COLUMNS", "200")
+    rented_from = str(time.time() - 1.0)
+    instance_id, charged_usd = await rent_and_destroy(emu, url)
+    assert charged_usd > 0.0
+
+    # The journal below is written after the rent, so --since reaches back to include it.
+    # The journal's cost equals the charge: exit status 0, the row reads ok.
+    home = tmp_path / "home"
+    monkeypatch.setenv("GPUJOBS_HOME", str(home))
+    await _journal(home, instance_id, (charged_usd * 0.8, charged_usd * 0.2))
+    matched = await invoke("--reconcile", "--format", "json", "--since", rented_from)
+    assert matched.exit_code == 0, matched.output
+    (row,) = json.loads(matched.stdout)["reconcile"]
+    assert row["instance_id"] == instance_id
+    assert row["charged_usd"] == pytest.approx(charged_usd, rel=0.01)
+    assert row["matches"] is True
+
+    # A journal that undercounts by half: exit status 1, the row reads MISMATCH.
+    other = tmp_path / "other"
+    monkeypatch.setenv("GPUJOBS_HOME", str(other))
+    await _journal(other, instance_id, (charged_usd * 0.4, charged_usd * 0.1))
+    mismatched = await invoke("--reconcile", "--since", rented_from)
+    assert mismatched.exit_code == 1, mismatched.output
+    line = next(line for line in mismatched.stdout.splitlines() if str(instance_id) in line)
+    assert "MISMATCH" in line
+    assert f"{-charged_usd * 0.5:+.6f}" in line
