@@ -119,6 +119,8 @@ class Report:
     resumed_from_step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    # FAILED reports: the worker's exit code. EXIT_BAD_CHECKPOINT means a restart cannot help.
+    exit_code: int | None = None
     protocol_version: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
@@ -141,6 +143,7 @@ class Report:
                 resumed_from_step=_optional_int(data.get("resumed_from_step")),
                 metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
                 error=data.get("error"),
+                exit_code=_optional_int(data.get("exit_code")),
                 protocol_version=int(data.get("protocol_version", PROTOCOL_VERSION)),
             )
         except KeyError as exc:

@@ -160,8 +160,9 @@ class WorkerSession:
         return protocol.EXIT_OK
 
     def fail(self, error: str, exit_code: int = protocol.EXIT_FAILED) -> int:
+        """Report the failure with its exit code, upload the log, and return the exit code."""
         logger.error("job %s attempt %d failed: %s", self.config.job_id, self.config.attempt, error)
-        self.reporter.report(ReportKind.FAILED, error=error)
+        self.reporter.report(ReportKind.FAILED, error=error, exit_code=exit_code)
         self.upload_attempt_files(10)
         self.reporter.flush(5)
         return exit_code

@@ -104,9 +104,13 @@ def derive_events(job: dict, report: Report) -> list[ev.JobEvent]:
 
 
 def _failure_events(job: dict, report: Report) -> list[ev.JobEvent]:
+    """Fail the job for a checkpoint that does not load, else treat the failure as a preemption.
+
+    The decision rests on the exit code alone: an error text that mentions a checkpoint key
+    (a storage timeout on checkpoints/..., say) is a failure that a restart may fix.
+    """
     error = report.error or "the worker reported a failure"
-    if report.metrics.get("exit_code") == EXIT_BAD_CHECKPOINT or "checkpoint" in error.lower():
-        # Restarting cannot fix a checkpoint that does not load.
+    if report.exit_code == EXIT_BAD_CHECKPOINT:
         return [ev.JobFailed(f"worker failed: {error}", report.attempt)]
     return [ev.PreemptionDetected(report.attempt, job["instance_id"], f"{WORKER_ERROR}: {error}",
                                   report.step, job["last_checkpoint_step"])]
