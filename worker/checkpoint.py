@@ -154,12 +154,16 @@ class CheckpointManager:
     ] | None:
         """Load the latest valid checkpoint, or return None when there is none.
 
-        Raises BadCheckpoint when a checkpoint verifies but torch cannot load it.
+        map_location None keeps tensors on the device they were saved from, except on a
+        machine without CUDA, where they load into CPU memory. Raises BadCheckpoint when a
+        checkpoint verifies but torch cannot load it.
         """
         found = self._loop.run(load_latest_checkpoint(self.storage))
         if found is None:
             return None
         ref, payload = found
+        if map_location is None and not torch.cuda.is_available():
+            map_location = "cpu"  # a checkpoint written on a GPU machine would fail to load
         try:
             state = torch.load(io.BytesIO(payload), weights_only=True, map_location=map_location)
         except Exception as exc:

@@ -308,3 +308,37 @@ def _wait_until(condition, timeout_s: float = 10) -> None:
             return
         event.wait(0.01)
     raise AssertionError("condition not met in time")
+
+
+def cuda_tagged_payload(state: dict, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """Serialize state as a GPU machine would: every storage tagged for cuda:0."""
+    import io
+
+    buffer = io.BytesIO()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("map_location", [None, "cpu"])
+def test_gpu_checkpoint_loads_on_cpu(
+    tmp_path: Path, background: BackgroundLoop, monkeypatch: pytest.MonkeyPatch, map_location
+) -> None:
+    import io
+
+    state = {"weights": torch.arange(6.0).reshape(2, 3), "bias": torch.tensor([0.5, -1.5])}
+    payload = cuda_tagged_payload(state, monkeypatch)
+    storage = LocalStorage(tmp_path)
+    asyncio.run(write_checkpoint(storage, 12, payload))
+
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(io.BytesIO(payload), weights_only=True)
+    restored = CheckpointManager(storage, background).restore_latest(map_location)
+
+    assert restored is not None
+    assert restored[0].step == 12
+    for name, tensor in state.items():
+        assert restored[1][name].device.type == "cpu"
+        assert torch.equal(restored[1][name], tensor)
