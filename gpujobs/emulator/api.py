@@ -319,7 +319,7 @@ def _float(value: Any, default: Any) -> Any:
 
 
 async def _json_body(request: web.Request) -> Any:
-    if not request.can_read_body:
+    if not request.body_exists:
         return {}
     try:
         return await request.json(loads=json.loads)

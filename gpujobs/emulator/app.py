@@ -197,6 +197,9 @@ class Emulator:
         self._counts[endpoint] += 1
         fault = self.fault_state.http_fault(endpoint)
         if fault.delay_s:
+            # Read the body first: a slow server has the whole request, and it acts on it
+            # even when the client times out before the reply.
+            await request.read()
             await asyncio.sleep(fault.delay_s)
         if fault.status is not None:
             return injected_response(fault)
@@ -274,7 +277,7 @@ async def _control(action: Awaitable[None]) -> web.Response:
 
 
 async def _json_or_empty(request: web.Request) -> dict:
-    if not request.can_read_body:
+    if not request.body_exists:
         return {}
     try:
         data = await request.json()

@@ -131,6 +131,7 @@ class Transport:
         self._pacer = Pacer(min_interval_s)
         self._session = session
         self._owns_session = session is None
+        self._single_send_session: aiohttp.ClientSession | None = None
         self._user_agent = user_agent
         self._rng = random.Random()
 
@@ -138,12 +139,20 @@ class Transport:
         if self._owns_session and self._session is not None:
             await self._session.close()
         self._session = None
+        if self._single_send_session is not None:
+            await self._single_send_session.close()
+            self._single_send_session = None
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _get_session(self, idempotent: bool = True) -> aiohttp.ClientSession:
+        """Return the session; a caller's own session may resend, so not for non-idempotent."""
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = _new_session()
             self._owns_session = True
-        return self._session
+        if idempotent or self._owns_session:
+            return self._session
+        if self._single_send_session is None:
+            self._single_send_session = _new_session()
+        return self._single_send_session
 
     def _headers(self, auth: bool) -> dict[str, str]:
         headers = {"User-Agent": self._user_agent, "Accept": "application/json"}
@@ -166,7 +175,8 @@ class Transport:
 
         for attempt in range(1, self.policy.max_attempts + 1):
             await self._pacer.wait_turn(endpoint)
-            outcome = await self._attempt(method, full_path, params, json_body, deadline, endpoint)
+            outcome = await self._attempt(method, full_path, params, json_body, deadline, endpoint,
+                                          idempotent)
             self._pacer.finished(endpoint)
             delay_s = self._retry_delay(outcome, attempt, endpoint, full_path)
             if delay_s is None:
@@ -183,7 +193,8 @@ class Transport:
         raise self._final_error(outcome, endpoint, full_path, attempt)
 
     async def _attempt(self, method: str, path: str, params: Mapping[str, Any] | None,
-                       json_body: Any, deadline: float, endpoint: str) -> _Outcome:
+                       json_body: Any, deadline: float, endpoint: str,
+                       idempotent: bool) -> _Outcome:
         remaining_s = deadline - asyncio.get_running_loop().time()
         if remaining_s <= 0:
             raise errors.DeadlineExceeded(
@@ -191,7 +202,7 @@ class Transport:
                 endpoint=endpoint)
         timeout = aiohttp.ClientTimeout(total=min(self.policy.timeout_s, remaining_s))
         try:
-            async with self._get_session().request(
+            async with self._get_session(idempotent).request(
                 method, self.base_url + path, params=params, json=json_body,
                 headers=self._headers(auth=True), timeout=timeout,
             ) as response:
@@ -276,6 +287,20 @@ class Transport:
                 return resp.status, await resp.read()
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
             return 0, b""
+
+
+def _new_session() -> aiohttp.ClientSession:
+    """Open a session that sends each request once and leaves retries to the transport.
+
+    aiohttp resends a PUT or DELETE once, silently, when the server disconnects, because
+    HTTP calls those methods idempotent. A Vast.ai create is a PUT that is not, so a resend
+    after a lost reply would report the offer gone while the first create rented it.
+    """
+    session = aiohttp.ClientSession()
+    # NOTE: aiohttp 3.14 has no public switch for the resend; this is its private flag.
+    if hasattr(session, "_retry_connection"):
+        session._retry_connection = False
+    return session
 
 
 def _certainly_not_processed(outcome: _Outcome) -> bool:
