@@ -50,6 +50,37 @@ async def test_rented_offer_is_unavailable(client):
     assert "no_such_ask" in str(caught.value)
 
 
+async def test_rented_offer_gone_410_with_cancel_unavail(client):
+    offer_id = await cheapest_offer_id(client)
+    await client.create_instance(offer_id, image="busybox")
+    with pytest.raises(errors.OfferUnavailable) as caught:
+        await client.create_instance(offer_id, image="busybox", cancel_unavail=True)
+    assert caught.value.status == 410
+    assert caught.value.offer_id == offer_id
+    assert "error 410/3907: no_such_ask" in str(caught.value)
+
+
+async def test_unlisted_offer_404_with_cancel_unavail(client):
+    with pytest.raises(errors.OfferUnavailable) as caught:
+        await client.create_instance(123, image="busybox", cancel_unavail=True)
+    assert caught.value.status == 404
+    assert caught.value.offer_id == 123
+
+
+async def test_vanished_offer_410_with_cancel_unavail(tmp_path):
+    emu = await started(tmp_path, faults=FaultPlan.from_data(
+        [{"kind": "offer_vanishes", "count": 1}]))
+    try:
+        async with fast_client(emu) as vast:
+            offer_id = await cheapest_offer_id(vast)
+            with pytest.raises(errors.OfferUnavailable) as caught:
+                await vast.create_instance(offer_id, image="busybox", cancel_unavail=True)
+        assert caught.value.status == 410
+        assert emu.ledger() == []
+    finally:
+        await emu.stop()
+
+
 async def test_vanishing_offer_fault(tmp_path):
     emu = await started(tmp_path, faults=FaultPlan.from_data(
         [{"kind": "offer_vanishes", "count": 1}]))
@@ -77,6 +108,38 @@ async def test_rate_limited_after_attempts(tmp_path):
         assert caught.value.retry_after_s is None
         assert "threshold=60" in str(caught.value)
         assert emu.request_count("PUT /asks/{id}/") == 3
+    finally:
+        await emu.stop()
+
+
+@pytest.mark.parametrize("body", ["text", "detail", "json"])
+@pytest.mark.parametrize("retry_after_s", [None, 7.0])
+async def test_rate_limit_bodies_parsed(tmp_path, body, retry_after_s):
+    """The message is the text inside the body, whichever form the body takes."""
+    emu = await started(tmp_path, faults=FaultPlan.from_data([
+        {"kind": "burst_429", "endpoint": "POST /bundles/", "count": 5, "body": body,
+         "retry_after_s": retry_after_s}]))
+    try:
+        async with fast_client(emu, max_attempts=1) as vast:
+            with pytest.raises(errors.RateLimited) as caught:
+                await vast.search_offers(limit=1)
+        assert caught.value.status == 429
+        assert caught.value.retry_after_s == retry_after_s
+        assert "HTTP 429: API requests too frequent;" in str(caught.value)
+        assert emu.request_count("POST /bundles/") == 1
+    finally:
+        await emu.stop()
+
+
+@pytest.mark.parametrize("body", ["text", "detail", "json"])
+async def test_rate_limit_bodies_retried(tmp_path, body):
+    emu = await started(tmp_path, faults=FaultPlan.from_data([
+        {"kind": "burst_429", "endpoint": "POST /bundles/", "count": 2, "body": body,
+         "retry_after_s": 0.01}]))
+    try:
+        async with fast_client(emu, max_attempts=3) as vast:
+            assert len(await vast.search_offers(limit=1)) == 1
+        assert emu.request_count("POST /bundles/") == 3
     finally:
         await emu.stop()
 
@@ -173,14 +236,17 @@ async def test_invalid_request(client):
 
 
 async def test_slow_endpoint_hits_deadline(tmp_path):
+    # Two attempts time out after 0.4 s each; the third gets the 0.4 s left of the deadline
+    # as its timeout, so it ends at the deadline and no fourth attempt starts.
     emu = await started(tmp_path, faults=FaultPlan.from_data(
         [{"kind": "slow", "endpoint": "POST /bundles/", "delay_s": 2.0}]))
     try:
-        async with fast_client(emu, timeout_s=0.3, deadline_s=0.8, max_attempts=10) as vast:
+        async with fast_client(emu, timeout_s=0.4, deadline_s=1.2, max_attempts=10) as vast:
             with pytest.raises(errors.DeadlineExceeded) as caught:
                 await vast.search_offers(limit=1)
         assert caught.value.endpoint == "POST /bundles/"
-        assert 1 <= emu.request_count("POST /bundles/") < 10
+        assert "after 3 attempts" in str(caught.value)
+        assert emu.request_count("POST /bundles/") == 3
     finally:
         await emu.stop()
 

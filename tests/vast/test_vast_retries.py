@@ -108,15 +108,21 @@ async def test_retry_after_over_cap_not_retried(tmp_path):
         await emu.stop()
 
 
-async def test_deadline_runs_out_across_retries(tmp_path):
-    emu = await started(tmp_path, [{"kind": "burst_429", "endpoint": "POST /bundles/",
-                                    "count": 50, "retry_after_s": 0.4}])
+async def test_deadline_runs_out_across_retries(tmp_path, caplog):
+    # Two short waits fit the deadline; the third reply asks for a wait past it.
+    emu = await started(tmp_path, [
+        {"kind": "burst_429", "endpoint": "POST /bundles/", "count": 2, "retry_after_s": 0.05},
+        {"kind": "burst_429", "endpoint": "POST /bundles/", "count": 1, "retry_after_s": 30},
+    ])
     try:
-        async with fast_client(emu, deadline_s=1.0, max_attempts=10) as vast:
+        async with fast_client(emu, deadline_s=5.0, max_attempts=10,
+                               retry_after_cap_s=60.0) as vast:
             with pytest.raises(errors.DeadlineExceeded) as caught:
                 await vast.search_offers(limit=1)
         assert caught.value.status == 429
-        assert 2 <= emu.request_count("POST /bundles/") <= 3
+        assert "after 3 attempts" in str(caught.value)
+        assert emu.request_count("POST /bundles/") == 3
+        assert len(retry_warnings(caplog)) == 2
     finally:
         await emu.stop()
 
