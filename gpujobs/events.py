@@ -1,7 +1,8 @@
 """Job events: facts in the past tense, one frozen dataclass per type, each with a schema version.
 
 A job's stream is its id. Every event that concerns one instance carries the attempt number,
-so a reader can tell the history of each rented machine apart.
+so a reader can tell the history of each rented machine apart. The supervisor's own stream
+(`SUPERVISOR_STREAM`) records destroys of instances that no live attempt owns.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from journal import NewEvent, RecordedEvent
+
+# Not a job id: every job id ends in "-" and six hex digits.
+SUPERVISOR_STREAM = "supervisor"
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,37 @@ class InstanceDestroyFailed(JobEvent):
 
 
 @dataclass(frozen=True)
+class StrayDestroyRequested(JobEvent):
+    """A DELETE is about to go out for an instance with our label but no live attempt.
+
+    Recorded on the supervisor's stream, without an `attempt` field, because the label may name
+    an attempt, or a job, that this journal never recorded.
+    """
+
+    instance_id: int
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StrayDestroyed(JobEvent):
+    """The API no longer lists a stray instance (supervisor's stream)."""
+
+    instance_id: int
+    label: str
+
+
+@dataclass(frozen=True)
+class StrayDestroyFailed(JobEvent):
+    """A DELETE of a stray instance failed; it is retried after `retry_in_s`."""
+
+    instance_id: int
+    label: str
+    message: str
+    retry_in_s: float
+
+
+@dataclass(frozen=True)
 class CostAccrued(JobEvent):
     attempt: int
     instance_id: int
@@ -234,6 +269,7 @@ EVENT_TYPES: dict[str, type[JobEvent]] = {
         CheckpointStarted, CheckpointSaved, PreemptionDetected, InstanceDestroyRequested,
         InstanceDestroyed, InstanceDestroyFailed, CostAccrued, WorkerStalled, WorkerUnreachable,
         JobCompleted, JobFailed, CancelRequested, StopRequested, BudgetAlert, JobCancelled,
+        StrayDestroyRequested, StrayDestroyed, StrayDestroyFailed,
     )
 }
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from journal import RecordedEvent
 
+from gpujobs.events import SUPERVISOR_STREAM
 from gpujobs.states import JobState, next_state
 
 JOB_COLUMNS = (
@@ -52,8 +53,14 @@ def parse_label(label: str | None) -> tuple[str, int] | None:
     return job_id, int(attempt)
 
 
-def fold_job(row: dict[str, Any] | None, event: RecordedEvent) -> dict[str, Any]:
-    """Return the job row after one event of its stream."""
+def is_job_stream(stream: str) -> bool:
+    return stream != SUPERVISOR_STREAM
+
+
+def fold_job(row: dict[str, Any] | None, event: RecordedEvent) -> dict[str, Any] | None:
+    """Return the job row after one event of its stream; None for the supervisor's stream."""
+    if not is_job_stream(event.stream):
+        return None
     data = event.data
     if row is None:
         if event.type != "JobSubmitted":
@@ -274,6 +281,8 @@ class JobsProjection:
         create_views(conn)
 
     def apply(self, conn: sqlite3.Connection, event: RecordedEvent) -> None:
+        if not is_job_stream(event.stream):
+            return
         job = load_job_row(conn, event.stream)
         write_row(conn, "jobs", JOB_COLUMNS, fold_job(job, event))
         if "attempt" not in event.data:
@@ -323,6 +332,8 @@ def fold_all(events: list[RecordedEvent]) -> tuple[dict[str, dict], dict[tuple[s
     jobs: dict[str, dict[str, Any]] = {}
     attempts: dict[tuple[str, int], dict[str, Any]] = {}
     for event in events:
+        if not is_job_stream(event.stream):
+            continue
         jobs[event.stream] = fold_job(jobs.get(event.stream), event)
         if "attempt" in event.data:
             key = (event.stream, int(event.data["attempt"]))

@@ -17,6 +17,7 @@ from gpujobs.offers import load_failed_hosts
 from gpujobs.supervisor import budget_guard, jobsteps, mailbox, queue, reconcile, reporting
 from gpujobs.supervisor.settlement import Settlement
 from gpujobs.supervisor.lease import SupervisorLease
+from gpujobs.supervisor.strays import StrayDestroyer
 from gpujobs.supervisor.reports import ReportServer, TokenIssuer
 from gpujobs.supervisor.state import JobTable
 from gpujobs.vast.client import VastClient
@@ -24,14 +25,19 @@ from worker.storage import open_storage
 
 log = logging.getLogger(__name__)
 
+OUTCOME_APPEND_TRIES = 5
+
 
 class Supervisor:
     def __init__(self, settings: Settings, client: VastClient, *,
-                 billing_time_scale: float = 1.0, intent_timeout_s: float = 60.0) -> None:
+                 billing_time_scale: float = 1.0, intent_timeout_s: float = 60.0,
+                 destroy_resend_s: float = 60.0) -> None:
         self.settings = settings
         self.client = client
         self.billing_time_scale = billing_time_scale  # only the emulator bills faster than a clock
         self.intent_timeout_s = intent_timeout_s
+        # An accepted DELETE whose instance is still listed this long after is sent again.
+        self.destroy_resend_s = destroy_resend_s
         self.tokens = TokenIssuer.from_home(settings.home)
         self.lease = SupervisorLease(settings.journal_path, settings.lease_ttl_s)
         self.reports = ReportServer(self.tokens, self._on_report)
@@ -48,6 +54,7 @@ class Supervisor:
         self.queue = queue.QueuePublisher(settings.journal_path)
         self.live_rows: list[tuple[str, dict]] = []  # (job id, attempt row), once per tick
         self.settlement = Settlement()
+        self.strays = StrayDestroyer()
         self._failed_hosts: dict[int, str] = {}
         self._failed_hosts_tick = -1
         self._stopping = asyncio.Event()
@@ -61,6 +68,7 @@ class Supervisor:
         await self.table.load()
         await self.table.catch_up()
         await self.settlement.load(self)
+        await self.strays.load(self.store)
         port = await self.reports.start(self.settings.report_host, self._report_port())
         (self.settings.home / "supervisor.port").write_text(str(port))
         self.report_url = self.settings.public_report_url or f"http://127.0.0.1:{port}"
@@ -150,6 +158,21 @@ class Supervisor:
             return False
         await self.table.catch_up()
         return True
+
+    async def append_outcome(self, job_id: str, events: Sequence[ev.JobEvent]) -> bool:
+        """Append events that record what already happened, even after another writer's events.
+
+        An outcome is a fact, so a version conflict (a `cancel` from the CLI during the call)
+        re-reads the stream and appends it after the other writer's events. False only if
+        every try conflicted; the reconcile step then settles the attempt by its label.
+        """
+        for _ in range(OUTCOME_APPEND_TRIES):
+            if await self.append(job_id, events):
+                return True
+        log.error("job %s: could not record %s after %d version conflicts; the next instance "
+                  "list settles it", job_id, ", ".join(e.type_name() for e in events),
+                  OUTCOME_APPEND_TRIES)
+        return False
 
     async def stop_job(self, job_id: str, reason: str) -> None:
         """Checkpoint, then destroy, then fail the job with `reason` (budget, max duration)."""

@@ -65,6 +65,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
         dph_total=choice.bid_price or offer.dph_total or 0.0, reliability=offer.reliability,
         bid_price=choice.bid_price, rank_reason=choice.reason,
     )
+    await sup.lease.ensure_held()
     if not await sup.append(job_id, [selected, ev.InstanceRequested(attempt, offer.id, label)]):
         return
     spec = job["spec"]
@@ -80,7 +81,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
     except (vast_errors.OfferUnavailable, vast_errors.InvalidRequest,
             vast_errors.InsufficientCredit, vast_errors.AuthError) as exc:
         # The API rejected the create: nothing exists, so the attempt ends here.
-        await sup.append(job_id, [
+        await sup.append_outcome(job_id, [
             ev.InstanceCreateFailed(attempt, offer.id, type(exc).__name__, str(exc)),
             ev.ProvisioningFailed(attempt, f"create failed: {exc}",
                                   retry_after_s=_retry_delay(exc)),
@@ -92,7 +93,9 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
         log.warning("job %s attempt %d: create of offer %d has an unknown outcome: %s",
                     job_id, attempt, offer.id, exc)
         return
-    await sup.append(job_id, [
+    # A cancel appended during the call must not drop this fact: the job's steps then
+    # destroy the new instance on the next tick.
+    await sup.append_outcome(job_id, [
         ev.InstanceCreated(attempt, instance_id, label, selected.dph_total),
     ])
 
@@ -106,23 +109,29 @@ def _retry_delay(exc: Exception) -> float:
 async def _bid_too_low(sup: Supervisor, job_id: str, attempt: int, label: str, dph: float,
                        exc: vast_errors.BidTooLow) -> None:
     if exc.instance_id is None:
-        await sup.append(job_id, [
+        await sup.append_outcome(job_id, [
             ev.InstanceCreateFailed(attempt, 0, "BidTooLow", str(exc)),
             ev.ProvisioningFailed(attempt, f"bid too low: {exc}", retry_after_s=10.0),
         ])
         return
     # The API created a stopped, billable instance anyway: record it, then destroy it.
-    await sup.append(job_id, [ev.InstanceCreated(attempt, exc.instance_id, label, dph)])
+    await sup.append_outcome(job_id, [ev.InstanceCreated(attempt, exc.instance_id, label, dph)])
     await sup.append(job_id, [ev.ProvisioningFailed(attempt, f"bid too low: {exc}", 10.0)])
 
 
 async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, Any],
                           reason: str) -> None:
-    """Ask the API to destroy an attempt's instance; a later list confirms it is gone."""
+    """Ask the API to destroy an attempt's instance; a later list confirms it is gone.
+
+    A DELETE that failed is sent again after a backoff, and one that was accepted is sent
+    again if the instance is still listed `sup.destroy_resend_s` later.
+    """
     attempt = int(attempt_row["attempt"])
     state = sup.table.runtime_for(job_id).attempt(attempt)
     now = time.time()
-    if now < state.destroy_retry_at or state.destroy_sent_at is not None:
+    if now < state.destroy_retry_at:
+        return
+    if state.destroy_sent_at is not None and now - state.destroy_sent_at < sup.destroy_resend_s:
         return
     instance_id = attempt_row["instance_id"]
     earlier_intent = None
@@ -131,8 +140,13 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
             # An earlier DELETE may have gone through. Only a list that still shows the
             # instance warrants another; a sweep that misses it confirms the destroy.
             return
-        earlier_intent = attempt_row["destroy_requested_at"]
+        earlier_intent = state.destroy_sent_at or attempt_row["destroy_requested_at"]
         reason = attempt_row["end_reason"] or reason  # a retry keeps the first reason
+        if state.destroy_sent_at is not None:
+            log.warning("job %s attempt %d: instance %s is still listed %.0f s after its DELETE "
+                        "was accepted; sending it again", job_id, attempt, instance_id,
+                        now - state.destroy_sent_at)
+    await sup.lease.ensure_held()
     # Every DELETE, the first and each retry, follows its own intent in the journal. So after a
     # crash the last intent marks the last DELETE that may have gone out.
     if not await sup.append(job_id, [ev.InstanceDestroyRequested(attempt, instance_id, reason)]):
@@ -141,21 +155,42 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
         await sup.client.destroy_instance(instance_id)
     except vast_errors.InstanceNotFound:
         # Already gone: an earlier DELETE went through, perhaps before a crash. Billing then
-        # ended near that DELETE's intent, not this one's.
+        # ended near that earlier DELETE, not at this one's intent.
         await confirm_destroyed(sup, job_id, attempt, ended_at=earlier_intent)
         return
     except vast_errors.VastError as exc:
-        state.destroy_failures += 1
-        delay_s = min(300.0, 2.0 ** state.destroy_failures)
-        state.destroy_retry_at = now + delay_s
-        log.warning("job %s attempt %d: destroy of instance %s failed (try %d), retrying in %.0f s:"
-                    " %s", job_id, attempt, instance_id, state.destroy_failures, delay_s, exc)
-        if state.destroy_failures in (1, 5, 20):
-            await sup.append(job_id, [
-                ev.InstanceDestroyFailed(attempt, instance_id, str(exc), delay_s)
-            ])
+        await _destroy_failed(sup, job_id, attempt, instance_id, now, exc)
         return
     state.destroy_sent_at = now
+
+
+async def _destroy_failed(sup: Supervisor, job_id: str, attempt: int, instance_id: int,
+                          now: float, exc: vast_errors.VastError) -> None:
+    state = sup.table.runtime_for(job_id).attempt(attempt)
+    state.destroy_failures += 1
+    delay_s = destroy_backoff_s(state.destroy_failures)
+    state.destroy_retry_at = now + delay_s
+    log.warning("job %s attempt %d: destroy of instance %s failed (try %d), retrying in %.0f s:"
+                " %s", job_id, attempt, instance_id, state.destroy_failures, delay_s, exc)
+    if failure_is_reported(state.destroy_failures):
+        await sup.append_outcome(job_id, [
+            ev.InstanceDestroyFailed(attempt, instance_id, str(exc), delay_s)
+        ])
+
+
+# Failures that are journaled, besides every 50th: a destroy failing for hours must be visible
+# in the journal without writing one event per try.
+REPORTED_FAILURES = (1, 5, 20)
+MAX_DESTROY_BACKOFF_S = 300.0
+
+
+def destroy_backoff_s(failures: int) -> float:
+    """Seconds to wait before the next DELETE after `failures` failed ones in a row."""
+    return min(MAX_DESTROY_BACKOFF_S, 2.0 ** failures)
+
+
+def failure_is_reported(failures: int) -> bool:
+    return failures in REPORTED_FAILURES or failures % 50 == 0
 
 
 def _still_listed(sup: Supervisor, key: tuple[str, int]) -> bool:
@@ -182,7 +217,7 @@ async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int,
     if cost is not None:
         events.append(cost)
     events.append(ev.InstanceDestroyed(attempt, row["instance_id"]))
-    if await sup.append(job_id, events):
+    if await sup.append_outcome(job_id, events):
         runtime.attempts.pop(attempt, None)
         sup.instances.forget((job_id, attempt))
         sup.settlement.add(job_id, sup.table.attempt_row(job_id, attempt) or {})

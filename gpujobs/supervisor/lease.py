@@ -1,7 +1,12 @@
 """One supervisor per journal: a lease row in the journal's SQLite file.
 
-The lease is not an event: it records who may act now, not what happened. A holder renews it on
-every tick; a lease that expired, or whose holder process is gone from this host, can be taken.
+The lease is not an event: it records who may act now, not what happened. The holder renews it
+on every tick and checks it before every side effect (`ensure_held`), so a tick that outlives the
+lease stops before its next create or destroy. A lease that expired, on any host, or whose holder
+process is gone from this host, can be taken.
+
+NOTE: the check runs before a call, not during it, so a call that starts with half the lease left
+and then spends more than that in retries can still end after another supervisor took over.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpujobs.errors import SupervisorRunning
+from gpujobs.errors import GpujobsError, SupervisorRunning
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS supervisor_lease (
@@ -27,6 +32,18 @@ CREATE TABLE IF NOT EXISTS supervisor_lease (
     expires_at REAL NOT NULL
 )
 """
+
+
+class LeaseLost(GpujobsError):
+    """This supervisor's lease was taken over or removed while it ran; it must stop acting."""
+
+    def __init__(self, journal_path: str, holder: str | None) -> None:
+        now_held = f"another supervisor ({holder}) holds it now" if holder else "no one holds it"
+        super().__init__(
+            f"this supervisor lost its lease on {journal_path} ({now_held}); it stopped before "
+            "its next create or destroy. Run one supervisor per journal"
+        )
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -47,13 +64,21 @@ class SupervisorLease:
         self.holder = uuid.uuid4().hex
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.expires_at = 0.0  # of the lease as this holder last wrote it
 
     async def acquire(self) -> None:
         """Take the lease or raise SupervisorRunning naming the live holder."""
         await asyncio.to_thread(self._acquire)
 
     async def renew(self) -> None:
-        await asyncio.to_thread(self._acquire)
+        """Extend the lease; raise LeaseLost if another holder took it over."""
+        await asyncio.to_thread(self._renew)
+
+    async def ensure_held(self) -> None:
+        """Renew the lease before a side effect once half its TTL or less is left; no I/O before."""
+        if self.expires_at - time.time() > self.ttl_s / 2.0:
+            return
+        await self.renew()
 
     async def release(self) -> None:
         await asyncio.to_thread(self._release)
@@ -74,22 +99,43 @@ class SupervisorLease:
                 raise SupervisorRunning(
                     current.describe(), str(self.journal_path), current.expires_at - now
                 )
-            conn.execute(
-                "INSERT OR REPLACE INTO supervisor_lease VALUES (1, ?, ?, ?, ?, ?)",
-                (self.holder, self.host, self.pid, now, now + self.ttl_s),
-            )
-            conn.execute("COMMIT")
+            self._write(conn, now)
         finally:
             conn.close()
 
+    def _renew(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            current = read_holder(conn)
+            if current is None or current.holder != self.holder:
+                # Taken over, or released by a supervisor that took it over. Taking it back
+                # would let two supervisors act on one journal, even if only for a moment.
+                conn.execute("ROLLBACK")
+                self.expires_at = 0.0
+                raise LeaseLost(str(self.journal_path),
+                                None if current is None else current.describe())
+            self._write(conn, time.time())
+        finally:
+            conn.close()
+
+    def _write(self, conn: sqlite3.Connection, now: float) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO supervisor_lease VALUES (1, ?, ?, ?, ?, ?)",
+            (self.holder, self.host, self.pid, now, now + self.ttl_s),
+        )
+        conn.execute("COMMIT")
+        self.expires_at = now + self.ttl_s
+
     def _is_live(self, current: LeaseHolder, now: float) -> bool:
         if current.expires_at <= now:
-            return False
+            return False  # not renewed in time, on whatever host
         if current.host == self.host and not _pid_alive(current.pid):
             return False  # the holder died on this host; no need to wait for the expiry
         return True
 
     def _release(self) -> None:
+        self.expires_at = 0.0
         conn = self._connect()
         try:
             conn.execute("DELETE FROM supervisor_lease WHERE holder = ?", (self.holder,))

@@ -9,7 +9,7 @@ The number of API calls per tick does not grow with the number of healthy jobs:
   instance is gone, and only after two sweeps in a row missed it.
 
 Instances with our label prefix are adopted (an intent without an outcome), confirmed gone (a
-destroy that went through), or destroyed (no live attempt owns them).
+destroy that went through), or destroyed as strays (no live attempt owns them, see strays.py).
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ async def reconcile(sup: Supervisor, view: InstanceView) -> None:
                 await _adopt(sup, job_id, attempt, instance)
     if view.complete:
         await _settle_missing(sup, view)
+        await sup.strays.settle(sup, view)
 
 
 async def _adopt(sup: Supervisor, job_id: str, attempt: int, instance: Instance) -> None:
@@ -161,14 +162,7 @@ async def _adopt(sup: Supervisor, job_id: str, attempt: int, instance: Instance)
 async def _destroy_stray(sup: Supervisor, instance: Instance) -> None:
     # NOTE: a label with our prefix but no live attempt in this journal is taken as a leak of
     # ours, so two journals must not share one Vast.ai account.
-    log.warning("instance %d has label %r but no live attempt in the journal; destroying it",
-                instance.id, instance.label)
-    try:
-        await sup.client.destroy_instance(instance.id)
-    except vast_errors.InstanceNotFound:
-        pass
-    except vast_errors.VastError as exc:
-        log.warning("destroy of stray instance %d failed; will retry: %s", instance.id, exc)
+    await sup.strays.destroy(sup, instance, "no live attempt in the journal owns its label")
 
 
 async def _settle_missing(sup: Supervisor, view: InstanceView) -> None:
