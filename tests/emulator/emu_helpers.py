@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from typing import Any
 
@@ -67,3 +69,36 @@ async def wait_for_status(vast: VastClient, instance_id: int, status: str,
 async def cheap_offer(vast: VastClient, gpu: str = "RTX_4090") -> int:
     offers = await vast.search_offers(f"gpu_name={gpu} num_gpus=1", order="dph", limit=1)
     return offers[0].id
+
+
+async def start_server(argv: list[str], cwd) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """Start an emulator command line with fault rules and read its banner.
+
+    The banner ends with the fault rules line, which only a server with rules prints.
+    Returns the process and the banner's values: ``url``, ``key`` (when generated) and
+    ``faults`` (the kinds of the rules).
+    """
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("VAST_API_KEY", "VAST_URL")}
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        cwd=cwd,
+    )
+    banner: dict[str, str] = {}
+    prefixes = {"export VAST_URL=": "url", "export VAST_API_KEY=": "key",
+                "fault rules: ": "faults"}
+    while "faults" not in banner:
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode().strip()
+        if not line:
+            raise AssertionError(f"the emulator exited before its banner ended: {banner}")
+        for prefix, name in prefixes.items():
+            if line.startswith(prefix):
+                banner[name] = line.removeprefix(prefix)
+    return process, banner
+
+
+async def stop_server(process: asyncio.subprocess.Process) -> tuple[int, bytes]:
+    """Send SIGTERM and return the exit code and the rest of stdout."""
+    process.send_signal(signal.SIGTERM)
+    rest = await asyncio.wait_for(process.stdout.read(), 30)
+    return await process.wait(), rest

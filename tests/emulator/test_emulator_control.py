@@ -101,3 +101,18 @@ async def test_standalone_given_key_not_printed(tmp_path):
     assert await process.wait() == 0
     assert b"chosen-key-123" not in first + second + rest
     assert second.startswith(b"export VAST_URL=")
+
+
+async def test_http_unknown_host(emulator, vast):
+    instance_id = await vast.create_instance(await cheap_offer(vast), image="busybox",
+                                             onstart="exec sleep 60")
+    await wait_for_status(vast, instance_id, "running")
+
+    status, _, body = await raw(emulator, "POST", f"/_emulator/instances/{instance_id}/unknown")
+
+    assert (status, body["success"]) == (200, True)
+    inst = await vast.show_instance(instance_id)
+    assert inst.actual_status == "unknown"
+    assert inst.host_lost
+    status, _, _ = await raw(emulator, "POST", "/_emulator/instances/1/unknown")
+    assert status == 404

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import aiohttp
 import pytest
 
 from gpujobs.emulator import Emulator, FaultPlan, FaultPlanError
@@ -81,6 +83,28 @@ def test_http_fault_counts():
     assert state.http_fault("GET /api/v1/instances/").status is None
 
 
+def test_http_fault_probability_seeded():
+    plan = FaultPlan.from_data([{"kind": "burst_5xx", "probability": 0.3, "status": 502}])
+    states = [FaultState(plan, seed) for seed in (1, 1, 2)]
+    runs = [[state.http_fault("POST /bundles/").status for _ in range(200)] for state in states]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    assert set(runs[0]) == {502, None}
+    assert 30 <= runs[0].count(502) <= 90
+
+
+def test_http_fault_probability_capped_by_count():
+    plan = FaultPlan.from_data([{"kind": "disconnect", "probability": 1.0, "count": 2}])
+    state = FaultState(plan, seed=0)
+    assert [state.http_fault("GET /charges/").disconnect for _ in range(4)] == [
+        True, True, False, False]
+
+
+def test_rate_limit_body_validated():
+    with pytest.raises(FaultPlanError, match="body must be one of text, detail, json"):
+        FaultPlan.from_data([{"kind": "burst_429", "body": "xml"}])
+
+
 async def started(tmp_path, rules, **options) -> Emulator:
     emu = Emulator(seed=8, loading_s=0.2, rate_limits=False, workdir=tmp_path / "emu",
                    faults=FaultPlan.from_data(rules), **options)
@@ -109,10 +133,35 @@ async def test_timed_offline_all(tmp_path):
     emu = await started(tmp_path, [{"kind": "offline", "after_s": 0.1, "instance": "all"}])
     try:
         async with client_for(emu) as vast:
-            ids = [await vast.create_instance(await cheap_offer(vast), image="busybox")
+            ids = [await vast.create_instance(await cheap_offer(vast), image="busybox",
+                                              onstart="exec sleep 60")
                    for _ in range(2)]
-            for instance_id in ids:
-                await wait_for_status(vast, instance_id, "offline")
+            dropped = [await wait_for_status(vast, instance_id, "offline")
+                       for instance_id in ids]
+        assert [inst.status_msg for inst in dropped] == ["host is offline"] * 2
+        assert all(inst.host_lost for inst in dropped)
+        for instance_id in ids:
+            inst = emu.fleet.get_live(instance_id)
+            assert inst.process is None, "the host drop kills the container's processes"
+            assert inst.meter.gpu_dph == 0.0, "a dropped host bills storage only"
+        assert [entry["status"] for entry in emu.ledger()] == ["offline", "offline"]
+    finally:
+        await emu.stop()
+
+
+async def test_timed_unknown_first(tmp_path):
+    emu = await started(tmp_path, [{"kind": "unknown", "after_s": 0.1, "instance": "first"}])
+    try:
+        async with client_for(emu) as vast:
+            first = await vast.create_instance(await cheap_offer(vast), image="busybox",
+                                               onstart="exec sleep 60")
+            second = await vast.create_instance(await cheap_offer(vast), image="busybox",
+                                                onstart="exec sleep 60")
+            lost = await wait_for_status(vast, first, "unknown")
+            await wait_for_status(vast, second, "running")
+        assert lost.host_lost
+        assert emu.fleet.get_live(first).meter.gpu_dph == 0.0
+        assert emu.fleet.get_live(second).meter.gpu_dph > 0.0
     finally:
         await emu.stop()
 
@@ -143,5 +192,48 @@ async def test_burst_on_one_endpoint_only(tmp_path):
             assert await vast.search_offers(limit=1)
         assert emu.request_count("PUT /asks/{id}/") == 2
         assert emu.request_count("POST /bundles/") == 2
+    finally:
+        await emu.stop()
+
+
+@pytest.mark.parametrize("body, content_type, expected", [
+    ("text", "text/plain", "API requests too frequent"),
+    ("detail", "application/json", {"detail": "API requests too frequent"}),
+    ("json", "application/json", {"success": False, "error": "rate_limit_exceeded",
+                                  "msg": "API requests too frequent"}),
+])
+async def test_rate_limit_body_forms(tmp_path, body, content_type, expected):
+    emu = await started(tmp_path, [{"kind": "burst_429", "endpoint": "POST /bundles/",
+                                    "body": body, "retry_after_s": 2}])
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(emu.url + "/api/v0/bundles/", json={}) as response:
+                text = await response.text()
+        assert response.status == 429
+        assert response.headers["Content-Type"].startswith(content_type)
+        assert response.headers["Retry-After"] == "2"
+        assert (text if body == "text" else json.loads(text)) == expected
+    finally:
+        await emu.stop()
+
+
+async def test_disconnect_after_handler(tmp_path):
+    emu = await started(tmp_path, [{"kind": "disconnect", "endpoint": "PUT /asks/{id}/"}])
+    try:
+        async with client_for(emu) as vast:
+            offer_id = await cheap_offer(vast)
+        # A bare socket, because aiohttp would resend a PUT after the disconnect.
+        body = json.dumps({"image": "busybox"}).encode()
+        host, port = emu.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"PUT /api/v0/asks/{offer_id}/ HTTP/1.1\r\nHost: {host}\r\n"
+                     f"Authorization: Bearer {emu.api_key}\r\n"
+                     "Content-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert reply == b"", "the connection closes without a status line"
+        assert len(emu.live_instance_ids()) == 1, "the create took effect before the drop"
     finally:
         await emu.stop()
