@@ -213,7 +213,7 @@ def emulator(
     unknown_after: Optional[float] = typer.Option(
         None, help="Stop every host's heartbeat (status unknown) after this many seconds."),
     fail_rate: Optional[float] = typer.Option(
-        None, help="Share of API requests (0 to 1) answered with HTTP 503."),
+        None, help="Share of API requests (0 to 1) that fail with HTTP 503."),
     slow_s: Optional[float] = typer.Option(
         None, help="Real seconds added before every API response."),
     vanish_rate: Optional[float] = typer.Option(

@@ -289,7 +289,7 @@ class ApiRoutes:
 
 
 def _offer_gone(offer_id: int, *, rented: bool, cancel_unavail: bool) -> web.Response:
-    """Answer a create for an offer that is not on the market.
+    """Build the error response to a create for an offer that is not on the market.
 
     A rented offer gives 410 when the create set ``cancel_unavail`` (the instance cannot
     start, and the caller asked for no stopped instance); otherwise, and for an id that was

@@ -197,8 +197,8 @@ class Emulator:
         self._counts[endpoint] += 1
         fault = self.fault_state.http_fault(endpoint)
         if fault.delay_s:
-            # Read the body first: a slow server has the whole request, and it acts on it
-            # even when the client times out before the reply.
+            # Read the body before the delay, because a slow server has received the whole
+            # request and acts on it even when the client times out before the reply.
             await request.read()
             await asyncio.sleep(fault.delay_s)
         if fault.status is not None:
@@ -226,8 +226,8 @@ class Emulator:
         if response.status >= 400:
             logger.info("%s %s returned HTTP %d", request.method, request.path, response.status)
         if fault.disconnect and request.transport is not None:
-            # The request took effect, but the reply is lost: the client sees the server
-            # disconnect and cannot tell whether it did.
+            # The request took effect but the reply is lost. The client sees the server
+            # disconnect and cannot tell whether the request took effect.
             logger.info("fault: %s %s handled, connection closed without a reply",
                         request.method, request.path)
             request.transport.close()

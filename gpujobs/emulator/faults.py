@@ -257,9 +257,9 @@ def rules_from_flags(*, preempt_after_s: float | None = None, preempt_grace_s: f
                      vanish_rate: float | None = None) -> tuple[FaultRule, ...]:
     """Build rules from command-line flags; raises FaultPlanError naming the flag.
 
-    Timed rules apply to every instance. ``fail_rate`` answers that share of API requests
-    with a 503, ``slow_s`` delays every API request, and ``vanish_rate`` is the chance that
-    an offer is taken between search and create.
+    Timed rules apply to every instance. ``fail_rate`` is the share of API requests that
+    fail with a 503, ``slow_s`` delays every API request, and ``vanish_rate`` is the chance
+    that an offer is taken between search and create.
     """
     for flag, value in (("--preempt-after", preempt_after_s), ("--preempt-grace", preempt_grace_s),
                         ("--offline-after", offline_after_s), ("--unknown-after", unknown_after_s),

@@ -13,7 +13,7 @@ RATE_LIMIT_TEXT = "API requests too frequent"
 
 
 def injected_response(fault: HttpFault) -> web.Response:
-    """Build the 429 or 5xx response that stands in for the handler's."""
+    """Build the 429 or 5xx response that replaces the handler's."""
     if fault.search_quota:
         reset = int(time.time()) // 86400 * 86400 + 86400
         response = json_response({"success": False, "error": "search_quota_exceeded",

@@ -212,7 +212,7 @@ class Market:
         return offer
 
     def was_rented(self, offer_id: int) -> bool:
-        """Whether the offer was listed once and then rented, by us or another renter."""
+        """Return True when the offer was listed and then rented, by us or by another renter."""
         return offer_id in self._rented
 
     def relist(self, offer: Mapping[str, Any]) -> int:

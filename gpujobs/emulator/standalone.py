@@ -60,7 +60,7 @@ def add_fault_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--unknown-after", type=float, metavar="S",
                        help="stop every host's heartbeat (status unknown) after S seconds")
     group.add_argument("--fail-rate", type=float, metavar="P",
-                       help="answer this share of API requests (0 to 1) with HTTP 503")
+                       help="share of API requests (0 to 1) that fail with HTTP 503")
     group.add_argument("--slow-s", type=float, metavar="S",
                        help="delay every API response by S real seconds")
     group.add_argument("--vanish-rate", type=float, metavar="P",

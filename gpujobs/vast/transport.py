@@ -144,7 +144,11 @@ class Transport:
             self._single_send_session = None
 
     def _get_session(self, idempotent: bool = True) -> aiohttp.ClientSession:
-        """Return the session; a caller's own session may resend, so not for non-idempotent."""
+        """Return the session for one request.
+
+        A session the caller passed in may resend a PUT, so a non-idempotent request gets a
+        session of the transport's own.
+        """
         if self._session is None:
             self._session = _new_session()
             self._owns_session = True
@@ -265,7 +269,7 @@ class Transport:
         if outcome.failure is None:
             error = self._error(outcome, endpoint, path)
             if type(error) is not errors.ServerError:
-                return error  # a body that says what happened, such as a bid too low
+                return error  # the body reports what happened, such as a bid too low
             return errors.ServerError(f"{error}; {advice}", endpoint=endpoint,
                                       status=outcome.status)
         return errors.ConnectionFailed(f"{endpoint} failed: {_describe(outcome)}; {advice}",
@@ -304,9 +308,10 @@ def _new_session() -> aiohttp.ClientSession:
 
 
 def _certainly_not_processed(outcome: _Outcome) -> bool:
-    """Whether the server surely did not act on the request: a 429, or no connection at all.
+    """Return True when the server surely did not act on the request.
 
-    A connect timeout and a refused connection happen before a byte of the request is sent.
+    That is a 429, or a connection that was refused or timed out while connecting, before
+    a byte of the request was sent.
     """
     if outcome.failure is None:
         return outcome.status == 429

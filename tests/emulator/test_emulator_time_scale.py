@@ -1,7 +1,7 @@
 """The time scale speeds up every emulated delay, not only billing.
 
 Each test sets a delay of one emulated hour at 3600 emulated seconds per real second, so
-it lasts one real second; without the scaling the wait would last an hour and time out.
+it lasts one real second. Without the scaling, the wait would last an hour and time out.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import pytest
 from gpujobs.emulator import Emulator, FaultPlan
 from gpujobs.vast import VastClient, errors
 
-from vast_helpers import fast_client
+from vast_helpers import cheapest_offer_id, fast_client
 
 CREATE = "PUT /asks/{id}/"
 
@@ -24,11 +24,6 @@ async def started(tmp_path, rules) -> Emulator:
                    faults=FaultPlan.from_data(rules))
     await emu.start()
     return emu
-
-
-async def cheapest_offer_id(vast: VastClient) -> int:
-    offers = await vast.search_offers("gpu_name=RTX_4090 num_gpus=1", order="dph", limit=1)
-    return offers[0].id
 
 
 def create_retries(caplog) -> list[str]:

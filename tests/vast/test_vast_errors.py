@@ -7,7 +7,7 @@ import pytest
 from gpujobs.emulator import Emulator, FaultPlan
 from gpujobs.vast import VastClient, errors
 
-from vast_helpers import fast_client
+from vast_helpers import cheapest_offer_id, fast_client
 
 
 async def started(tmp_path, **options) -> Emulator:
@@ -15,11 +15,6 @@ async def started(tmp_path, **options) -> Emulator:
     emu = Emulator(seed=11, loading_s=0.2, workdir=tmp_path / "emu", **options)
     await emu.start()
     return emu
-
-
-async def cheapest_offer_id(vast: VastClient) -> int:
-    offers = await vast.search_offers("gpu_name=RTX_4090 num_gpus=1", order="dph", limit=1)
-    return offers[0].id
 
 
 async def test_missing_key_is_auth_error_403(emulator):
@@ -236,8 +231,8 @@ async def test_invalid_request(client):
 
 
 async def test_slow_endpoint_hits_deadline(tmp_path):
-    # Two attempts time out after 0.4 s each; the third gets the 0.4 s left of the deadline
-    # as its timeout, so it ends at the deadline and no fourth attempt starts.
+    # Two attempts time out after 0.4 s each. The third gets the 0.4 s left of the deadline
+    # as its timeout, so it ends at the deadline, and no fourth attempt starts.
     emu = await started(tmp_path, faults=FaultPlan.from_data(
         [{"kind": "slow", "endpoint": "POST /bundles/", "delay_s": 2.0}]))
     try:

@@ -9,12 +9,7 @@ from gpujobs.emulator import Emulator, FaultPlan
 from gpujobs.supervisor.watch import _loss_reason
 from gpujobs.vast import VastClient
 
-from vast_helpers import fast_client
-
-
-async def cheap_offer_ids(vast: VastClient, count: int) -> list[int]:
-    offers = await vast.search_offers("gpu_name=RTX_4090 num_gpus=1", order="dph", limit=count)
-    return [offer.id for offer in offers]
+from vast_helpers import cheap_offer_ids, fast_client
 
 
 async def wait_for_status(vast: VastClient, instance_id: int, status: str, polls: int = 200):

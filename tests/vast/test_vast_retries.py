@@ -109,7 +109,7 @@ async def test_retry_after_over_cap_not_retried(tmp_path):
 
 
 async def test_deadline_runs_out_across_retries(tmp_path, caplog):
-    # Two short waits fit the deadline; the third reply asks for a wait past it.
+    # Two short waits fit the deadline. The third reply's Retry-After ends past it.
     emu = await started(tmp_path, [
         {"kind": "burst_429", "endpoint": "POST /bundles/", "count": 2, "retry_after_s": 0.05},
         {"kind": "burst_429", "endpoint": "POST /bundles/", "count": 1, "retry_after_s": 30},

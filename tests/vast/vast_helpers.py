@@ -20,3 +20,13 @@ def fast_client(emulator: Emulator, **overrides: Any) -> VastClient:
     options.update(overrides)
     api_key = options.pop("api_key", emulator.api_key)
     return VastClient(api_key, **options)
+
+
+async def cheap_offer_ids(vast: VastClient, count: int = 1) -> list[int]:
+    """Return the ids of the ``count`` cheapest 1x RTX 4090 offers."""
+    offers = await vast.search_offers("gpu_name=RTX_4090 num_gpus=1", order="dph", limit=count)
+    return [offer.id for offer in offers]
+
+
+async def cheapest_offer_id(vast: VastClient) -> int:
+    return (await cheap_offer_ids(vast, 1))[0]
