@@ -131,6 +131,23 @@ async def test_expired_lease_from_other_host_taken(tmp_path: Path, emulator: Emu
         assert await process.stop() == 0
 
 
+async def test_supervisor_exits_when_lease_lost(tmp_path: Path, emulator: Emulator) -> None:
+    env, journal_path = supervise_env(tmp_path, emulator)
+    process = SupervisorProcess(env, tick_s=0.2, log_path=tmp_path / "supervisor.log")
+    await process.start()
+    await wait_for_holder(journal_path, process)
+    # Another supervisor took the lease over, as it may once a lease expired.
+    write_lease(journal_path, "other-host.example", 1, expires_at=time.time() + 600)
+    code = await asyncio.wait_for(process.process.wait(), 30.0)
+    assert code != 0
+    output = process.log_path.read_text()
+    assert "Traceback" not in output
+    [error] = [line for line in output.splitlines() if line.startswith("error:")]
+    assert "lost its lease" in error
+    assert "(pid 1 on other-host.example)" in error
+    assert read_lease(journal_path)[0] == "other-host.example"  # the new holder keeps it
+
+
 async def test_second_supervisor_is_refused(tmp_path: Path) -> None:
     async with harness.live_stack(tmp_path / "home") as stack:
         lease = stack.supervisor.lease

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from gpujobs import jobs
-from gpujobs.jobs import open_journal
 from gpujobs.replay import check_projections
 from tests.e2e.harness import live_stack
 
@@ -96,14 +96,26 @@ async def test_completed_job_is_not_run_again(tmp_path: Path) -> None:
         assert all(job_id not in label for label in labels)
 
 
-async def test_second_supervisor_is_refused(tmp_path: Path) -> None:
-    from gpujobs.errors import SupervisorRunning
-    from gpujobs.supervisor.lease import SupervisorLease
-
+async def test_marker_completes_job_without_report(tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="gpujobs")
     async with live_stack(tmp_path / "home") as stack:
-        other = SupervisorLease(stack.settings.journal_path, ttl_s=30.0)
-        other.pid = 1  # a live process that is not the holder
-        with pytest.raises(SupervisorRunning, match=r"pid \d+ on"):
-            await other.acquire()
-    store = await open_journal(stack.settings)
-    await store.close()
+        stack.start_loop()
+        job_id = await stack.submit(total_steps=300, step_delay_s=0.01)
+        await stack.wait_for(lambda: stack.state(job_id) == "running", what="running")
+        # From here on no report reaches the supervisor: the worker finishes, writes its
+        # completion marker, and exits, and the journal still has the job running.
+        await stack.supervisor.reports.stop()
+        await stack.wait_for(lambda: stack.emulator.ledger()[0]["status"] != "running",
+                             what="the worker to exit")
+        assert stack.state(job_id) == "running"
+
+        job = await stack.wait_settled(job_id)
+        assert job["state"] == "done"
+        assert job["step"] == 300
+        assert f"job {job_id}: completion marker found" in caplog.text
+        [instance] = stack.emulator.ledger()  # nothing rented for a second attempt
+        assert instance["destroyed_at"] is not None
+        types = [e.type for e in await stack.supervisor.store.read_stream(job_id)]
+        assert types.count("OfferSelected") == 1
+        assert "JobCompleted" in types
+        assert "PreemptionDetected" not in types
