@@ -3,8 +3,9 @@
 Large objects go up as multipart uploads with parallel parts; a multipart upload that fails
 or is cancelled is aborted so that no orphaned parts keep costing storage.
 
-Uploads carry a Content-MD5 that the server checks, computed on a worker thread, and the
-signature does not hash the body (UNSIGNED-PAYLOAD). Over plain HTTP botocore would otherwise
+Parts are sent by a thread pool of synchronous botocore calls (worker.storage.s3_parts); the
+other requests go through aioboto3. Uploads carry a Content-MD5 that the server checks, computed
+on a worker thread, and the signature does not hash the body (UNSIGNED-PAYLOAD). Over plain HTTP botocore would otherwise
 hash every body with SHA-256 on the event loop's thread, which slowed the parallel parts.
 The signed Content-MD5 header still binds the body to the signature.
 """
@@ -13,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aioboto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ProfileNotFound
 
 from worker.storage.base import (
     ObjectNotFound,
@@ -33,13 +35,15 @@ from worker.storage.base import (
     StorageUnavailable,
     validate_key,
 )
+from worker.storage.s3_parts import PartUploader, ReadPart
 
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_PART_SIZE_BYTES = 8 * MIB
-# Parts uploaded at once. boto3's upload_file uses 10 threads; fewer left a local server idle.
-DEFAULT_PARTS_IN_FLIGHT = 10
+# Parts uploaded at once. boto3's upload_file uses 10 threads; 16 beat 10 against a local moto
+# server (bench/bench_checkpoint.py), and the part buffers in flight then take 128 MiB.
+DEFAULT_PARTS_IN_FLIGHT = 16
 # Connections beyond the parts in flight, so small requests do not queue behind parts.
 SPARE_CONNECTIONS = 2
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -53,7 +57,6 @@ _AUTH_CODES = {
     "InvalidClientTokenId",
 }
 
-ReadPart = Callable[[int, int], Awaitable[bytes]]
 _MD5_ON_LOOP_BYTES = 64 * 1024  # smaller bodies are hashed inline: a thread hop costs more
 
 
@@ -96,7 +99,15 @@ class S3Storage:
         self.parts_in_flight = parts_in_flight
         self.multipart_threshold_bytes = multipart_threshold_bytes or part_size_bytes
         self.page_size = page_size
-        self._session = _shared_session(profile, region)
+        self._profile = profile
+        self._region = region
+        try:
+            self._session = _shared_session(profile, region)
+        except ProfileNotFound as exc:
+            raise StorageAuthError(
+                f"AWS profile {profile!r} not found for {self.uri}: add it to ~/.aws/credentials "
+                "(or the file AWS_SHARED_CREDENTIALS_FILE names), or choose another profile"
+            ) from exc
         self._config = Config(
             s3={"addressing_style": "path" if path_style else "auto",
                 "payload_signing_enabled": False},
@@ -109,6 +120,7 @@ class S3Storage:
         )
         self._client_context: Any = None
         self._client: Any = None
+        self._part_uploader: PartUploader | None = None
 
     async def _get_client(self) -> Any:
         if self._client is None:
@@ -128,8 +140,8 @@ class S3Storage:
         if len(data) >= self.multipart_threshold_bytes:
             view = memoryview(data)
 
-            async def read_part(offset: int, size: int) -> bytes:
-                return bytes(view[offset : offset + size])
+            def read_part(offset: int, size: int) -> bytearray:
+                return bytearray(view[offset : offset + size])
 
             await self._multipart_upload(key, len(data), read_part)
             return
@@ -144,11 +156,7 @@ class S3Storage:
         if size < self.multipart_threshold_bytes:
             await self.put_bytes(key, await asyncio.to_thread(path.read_bytes))
             return
-
-        async def read_part(offset: int, length: int) -> bytes:
-            return await asyncio.to_thread(_read_range, path, offset, length)
-
-        await self._multipart_upload(key, size, read_part)
+        await self._multipart_upload(key, size, functools.partial(_read_range, path))
 
     async def get_bytes(self, key: str) -> bytes:
         client = await self._get_client()
@@ -208,6 +216,9 @@ class S3Storage:
             return
 
     async def close(self) -> None:
+        if self._part_uploader is not None:
+            uploader, self._part_uploader = self._part_uploader, None
+            await uploader.close()
         if self._client_context is not None:
             context, self._client_context, self._client = self._client_context, None, None
             await context.__aexit__(None, None, None)
@@ -218,8 +229,9 @@ class S3Storage:
         with self._translate_errors("start multipart upload of", key):
             upload = await client.create_multipart_upload(Bucket=self.bucket, Key=full_key)
         upload_id = upload["UploadId"]
+        sent: list[concurrent.futures.Future[dict[str, Any]]] = []
         try:
-            parts = await self._upload_parts(full_key, upload_id, size, read_part)
+            parts = await self._upload_parts(full_key, upload_id, size, read_part, sent)
             with self._translate_errors("complete multipart upload of", key):
                 await client.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -229,39 +241,51 @@ class S3Storage:
                 )
         except BaseException:
             # Shielded so that a cancelled task still aborts before it unwinds.
-            await asyncio.shield(self._abort_multipart(key, full_key, upload_id))
+            await asyncio.shield(self._abort_multipart(key, full_key, upload_id, sent))
             raise
 
     async def _upload_parts(
-        self, full_key: str, upload_id: str, size: int, read_part: ReadPart
+        self,
+        full_key: str,
+        upload_id: str,
+        size: int,
+        read_part: ReadPart,
+        sent: list[concurrent.futures.Future[dict[str, Any]]],
     ) -> list[dict[str, Any]]:
-        client = await self._get_client()
-        in_flight = asyncio.Semaphore(self.parts_in_flight)
+        """Send every part through the thread pool, appending each part's future to sent."""
+        uploader = self._get_part_uploader()
+        for number, offset in enumerate(range(0, size, self.part_size_bytes), 1):
+            length = min(self.part_size_bytes, size - offset)
+            sent.append(uploader.submit(full_key, upload_id, number, offset, length, read_part))
+        parts = []
+        for number, future in enumerate(sent, 1):
+            with self._translate_errors(f"upload part {number} of", full_key):
+                parts.append(await asyncio.wrap_future(future))
+        return parts
 
-        async def upload_one(number: int, offset: int) -> dict[str, Any]:
-            async with in_flight:
-                data = await read_part(offset, min(self.part_size_bytes, size - offset))
-                digest = await _content_md5(data)
-                with self._translate_errors(f"upload part {number} of", full_key):
-                    response = await client.upload_part(
-                        Bucket=self.bucket,
-                        Key=full_key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=data,
-                        ContentMD5=digest,
-                    )
-                return {"PartNumber": number, "ETag": response["ETag"]}
+    def _get_part_uploader(self) -> PartUploader:
+        if self._part_uploader is None:
+            self._part_uploader = PartUploader(
+                bucket=self.bucket,
+                endpoint_url=self.endpoint_url,
+                profile=self._profile,
+                region=self._region,
+                config=self._config,
+                threads=self.parts_in_flight,
+            )
+        return self._part_uploader
 
-        offsets = range(0, size, self.part_size_bytes)
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(upload_one(n, o)) for n, o in enumerate(offsets, 1)]
-        except BaseExceptionGroup as group_error:
-            raise group_error.exceptions[0] from group_error
-        return [task.result() for task in tasks]
-
-    async def _abort_multipart(self, key: str, full_key: str, upload_id: str) -> None:
+    async def _abort_multipart(
+        self,
+        key: str,
+        full_key: str,
+        upload_id: str,
+        sent: list[concurrent.futures.Future[dict[str, Any]]],
+    ) -> None:
+        for future in sent:
+            future.cancel()  # parts that have not started
+        # A part still being sent could complete after the abort and be stored again.
+        await asyncio.to_thread(concurrent.futures.wait, sent)
         client = await self._get_client()
         try:
             await client.abort_multipart_upload(
@@ -316,11 +340,12 @@ def _shared_session(profile: str | None, region: str | None) -> aioboto3.Session
     return aioboto3.Session(profile_name=profile, region_name=region)
 
 
-def _read_range(path: Path, offset: int, length: int) -> bytes:
-    with open(path, "rb") as source:
+def _read_range(path: Path, offset: int, length: int) -> bytearray:
+    data = bytearray(length)
+    with open(path, "rb", buffering=0) as source:
         source.seek(offset)
-        data = source.read(length)
-    if len(data) != length:
+        read = source.readinto(data)
+    if read != length:
         raise StorageError(
             f"{path} changed size during upload: expected {length} bytes at offset {offset}"
         )
