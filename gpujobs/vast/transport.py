@@ -182,11 +182,11 @@ class Transport:
             outcome = await self._attempt(method, full_path, params, json_body, deadline, endpoint,
                                           idempotent)
             self._pacer.finished(endpoint)
+            if not idempotent and _may_have_taken_effect(outcome):
+                raise self._unknown_outcome(outcome, endpoint, full_path)
             delay_s = self._retry_delay(outcome, attempt, endpoint, full_path)
             if delay_s is None:
                 return self._finish(outcome, endpoint, full_path, expect_json)
-            if not idempotent and not _certainly_not_processed(outcome):
-                raise self._unknown_outcome(outcome, endpoint, full_path)
             if attempt == self.policy.max_attempts:
                 break
             if loop.time() + delay_s >= deadline:
@@ -307,16 +307,16 @@ def _new_session() -> aiohttp.ClientSession:
     return session
 
 
-def _certainly_not_processed(outcome: _Outcome) -> bool:
-    """Return True when the server surely did not act on the request.
+def _may_have_taken_effect(outcome: _Outcome) -> bool:
+    """Return True for a failure after which the server may have acted on the request.
 
-    That is a 429, or a connection that was refused or timed out while connecting, before
-    a byte of the request was sent.
+    That is a 5xx, a timeout or a connection lost after sending. A refused connection and
+    a connect timeout happen before a byte of the request is sent.
     """
     if outcome.failure is None:
-        return outcome.status == 429
-    return isinstance(outcome.failure, (aiohttp.ClientConnectorError,
-                                        aiohttp.ConnectionTimeoutError))
+        return (outcome.status or 0) >= 500
+    return not isinstance(outcome.failure, (aiohttp.ClientConnectorError,
+                                            aiohttp.ConnectionTimeoutError))
 
 
 def _header(outcome: _Outcome, name: str) -> str | None:

@@ -56,8 +56,8 @@ async def test_create_refused_connection_retried(tmp_path, caplog):
     assert len(create_retries(caplog)) == 2
 
 
-@pytest.mark.parametrize("status", [502, 503, 504])
-async def test_create_gateway_error_not_retried(tmp_path, caplog, status):
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_create_server_error_not_retried(tmp_path, caplog, status):
     emu = await started(tmp_path, [{"kind": "burst_5xx", "endpoint": CREATE, "count": 1,
                                     "status": status}])
     try:
