@@ -45,32 +45,53 @@ def bid_floor(offer: Offer) -> float | None:
     return offer.min_bid if offer.min_bid is not None else offer.dph_total
 
 
-def capped_bid(floor: float, profile: Profile) -> float | None:
-    """Compute the floor plus the margin, capped at max_dph; None when the floor is above it.
+def storage_dph(offer: Offer) -> float:
+    """Return the offer's storage price in $/hour: dph_total less dph_base, 0 when unknown.
+
+    A bid pays for the GPU only, so an interruptible instance costs its bid plus this.
+    """
+    if offer.dph_total is None or offer.dph_base is None:
+        return 0.0
+    return max(0.0, offer.dph_total - offer.dph_base)
+
+
+def bid_cap(profile: Profile, storage: float) -> float:
+    """Return the highest bid that keeps bid plus storage within max_dph, to 4 decimals."""
+    exact = profile.max_dph - storage
+    cap = round(exact, 4)
+    if cap > exact + 1e-9:  # rounded up: go one step down, but not for float noise
+        cap = round(cap - 0.0001, 4)
+    return cap
+
+
+def capped_bid(floor: float, profile: Profile, storage: float = 0.0) -> float | None:
+    """Compute the floor plus the margin, within the bid cap; None when the floor is above it.
 
     The bid is rounded to 4 decimals, but never down below the floor, which would lose.
     """
-    if floor > profile.max_dph:
+    cap = bid_cap(profile, storage)
+    if floor > cap:
         return None
     bid = round(floor * (1.0 + profile.bid_margin), 4)
     if bid < floor:
         bid = round(bid + 0.0001, 4)
-    return min(bid, profile.max_dph)
+    return min(bid, cap)
 
 
 def bid_for(offer: Offer, profile: Profile) -> float | None:
-    """Bid for an interruptible offer, or None for on-demand or a floor above max_dph."""
+    """Bid for an interruptible offer, or None for on-demand or a floor above the bid cap."""
     if not profile.interruptible:
         return None
     floor = bid_floor(offer)
     if floor is None:
         return None
-    return capped_bid(floor, profile)
+    return capped_bid(floor, profile, storage_dph(offer))
 
 
 def hourly_price(offer: Offer, profile: Profile) -> float | None:
+    """Return what the job would pay per hour: the bid plus storage, or the on-demand dph."""
     bid = bid_for(offer, profile)
-    return bid if bid is not None else offer.dph_total
+    return bid + storage_dph(offer) if bid is not None else offer.dph_total
 
 
 def offer_score(offer: Offer, profile: Profile) -> float | None:
@@ -85,15 +106,23 @@ def outbid_action(profile: Profile, instance: Instance) -> tuple[str, float | No
     """Decide what to do with an outbid interruptible instance.
 
     Returns ("rebid", price) when the profile's on_preemption is rebid and a bid of min_bid
-    plus the margin, capped at max_dph, still reaches the instance's current min_bid.
+    plus the margin, capped so that bid plus storage stays within max_dph, still reaches the
+    instance's current min_bid.
     Otherwise returns ("migrate", None), to find another offer.
     """
     if profile.on_preemption != "rebid" or not profile.interruptible:
         return "migrate", None
-    price = None if instance.min_bid is None else capped_bid(instance.min_bid, profile)
+    storage = instance_storage_dph(instance)
+    price = None if instance.min_bid is None else capped_bid(instance.min_bid, profile, storage)
     if price is None:
         return "migrate", None
     return "rebid", price
+
+
+def instance_storage_dph(instance: Instance) -> float:
+    """Return the instance's storage price in $/hour from the API's storage_total_cost."""
+    total = instance.raw.get("storage_total_cost")
+    return float(total) if isinstance(total, (int, float)) else 0.0
 
 
 def check_offer(offer: Offer, profile: Profile, excluded_hosts: Mapping[int, str] | set[int],
@@ -104,8 +133,10 @@ def check_offer(offer: Offer, profile: Profile, excluded_hosts: Mapping[int, str
     if offer.num_gpus != profile.num_gpus:
         return f"{offer.num_gpus} GPUs, profile needs {profile.num_gpus}"
     floor = bid_floor(offer) if profile.interruptible else None
-    if floor is not None and floor > profile.max_dph:
-        return (f"min_bid ${floor:.3f}/h is above max_dph ${profile.max_dph:.3f}/h; "
+    storage = storage_dph(offer)
+    if floor is not None and floor > bid_cap(profile, storage):
+        plus = f" plus storage ${storage:.3f}/h" if storage else ""
+        return (f"min_bid ${floor:.3f}/h{plus} is above max_dph ${profile.max_dph:.3f}/h; "
                 "a bid within the cap would lose")
     price = hourly_price(offer, profile)
     if price is None or price > profile.max_dph:
@@ -160,8 +191,10 @@ def _describe(offer: Offer, profile: Profile, after: Offer | None) -> str:
     price = hourly_price(offer, profile) or 0.0
     parts = [f"${price:.3f}/h"]
     if profile.interruptible:
+        storage = storage_dph(offer)
+        plus = f" + storage ${storage:.3f}" if storage else ""
         parts.append(f"bid = min_bid ${offer.min_bid or 0:.3f} + {profile.bid_margin:.0%}, "
-                     f"capped at ${profile.max_dph:.3f}")
+                     f"capped at ${profile.max_dph - storage:.3f}{plus}")
     score = offer_score(offer, profile)
     if score is not None:
         parts.append(f"dlperf {offer.dlperf:.1f} = {offer.dlperf / price:.1f} dlperf/$")

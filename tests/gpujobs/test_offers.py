@@ -91,6 +91,22 @@ def test_bid_never_rounds_below_min_bid() -> None:
     assert outbid_action(no_margin, instance(0.12344)) == ("rebid", 0.1235)
 
 
+def test_bid_leaves_room_for_storage() -> None:
+    # dph_total less dph_base is the storage price, paid on top of the bid.
+    with_disk = offer(1, min_bid=0.16, dph_base=0.18, dph_total=0.21)
+    assert bid_for(with_disk, BID) == 0.17  # the cap is max_dph $0.20 less $0.03 storage
+    ranked, _ = rank_offers([with_disk], BID)
+    assert ranked[0].bid_price == 0.17
+    assert ranked[0].price_dph == pytest.approx(0.20)
+    assert "capped at $0.170 + storage $0.030" in ranked[0].reason
+    _, rejected = rank_offers([offer(2, min_bid=0.18, dph_base=0.18, dph_total=0.21)], BID)
+    assert rejected[0].reason == ("min_bid $0.180/h plus storage $0.030/h is above max_dph "
+                                  "$0.200/h; a bid within the cap would lose")
+    stored = Instance.from_api({"id": 5, "min_bid": 0.16, "is_bid": True,
+                                "storage_total_cost": 0.03, "actual_status": "stopped"})
+    assert outbid_action(BID, stored) == ("rebid", 0.17)
+
+
 def test_min_bid_above_max_dph_is_rejected() -> None:
     ranked, rejected = rank_offers([offer(1, min_bid=0.21, dph_total=0.15),
                                     offer(2, min_bid=0.19)], BID)
