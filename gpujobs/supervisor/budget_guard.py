@@ -5,6 +5,10 @@ appended since the last one), so each tick costs O(jobs) and no API call. Spend 
 journal's CostAccrued amounts plus an estimate of what live instances have run up since they
 were last billed: dph x time since billed_through x the billing time scale.
 
+Admission reserves money: a job is admitted only when its worst case fits what is left after
+the remaining worst case reserved by every job that holds an instance or was admitted
+earlier in the same tick, so that several queued jobs never each count on the same dollars.
+
 Enforcement stops a scope's jobs before the limit: once the spend, plus what the scope's live
 instances burn during one stop (the grace period to checkpoint, the destroy, two ticks), would
 reach it. What still goes over the limit is the error of that estimate, at most about one tick
@@ -35,8 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STOP_MARGIN_S = 5.0  # what the supervisor waits past a job's grace period before destroying
-GUARD_EVENT_TYPES = ("JobSubmitted", "InstanceCreated", "CostAccrued", "WorkerStarted",
-                     "JobResumed", "BudgetAlert", *RUN_ENDS)
+GUARD_EVENT_TYPES = ("JobSubmitted", "InstanceRequested", "InstanceCreated", "CostAccrued",
+                     "WorkerStarted", "JobResumed", "BudgetAlert", *RUN_ENDS)
 _GUARDS: weakref.WeakKeyDictionary[Any, BudgetGuard] = weakref.WeakKeyDictionary()
 
 
@@ -59,13 +63,40 @@ class JobFacts:
 
 
 @dataclass
+class Reservations:
+    """Remaining worst cases of jobs that hold an instance or were admitted, by team/project."""
+
+    tick: int = -1
+    by_job: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    by_scope: dict[tuple[str, str], float] = field(default_factory=dict)
+    admitted: list[tuple[str, JobFacts, float]] = field(default_factory=list)
+
+    def add(self, job_id: str, facts: JobFacts, usd: float) -> None:
+        key = (facts.team, facts.project)
+        self.by_job[job_id] = (facts.team, facts.project, usd)
+        self.by_scope[key] = self.by_scope.get(key, 0.0) + usd
+
+    def reserved_usd(self, status: BudgetStatus, job_id: str) -> float:
+        """Return the money reserved in the status's scope by jobs other than `job_id`."""
+        total = sum(usd for (team, project), usd in self.by_scope.items()
+                    if status.budget.applies_to(team, project))
+        own = self.by_job.get(job_id)
+        if own is not None and status.budget.applies_to(own[0], own[1]):
+            total -= own[2]
+        return total
+
+
+@dataclass
 class BudgetGuard:
     config: BudgetConfig
     files: tuple[tuple[Path, float], ...]
     env: str | None
     book: BudgetBook = field(default_factory=BudgetBook)
     jobs: dict[str, JobFacts] = field(default_factory=dict)
+    # Where the folded CostAccrued events end, per (job, attempt): live spend is estimated
+    # from here, so that it never overlaps the amounts already in the book.
     billed_through: dict[tuple[str, int], float] = field(default_factory=dict)
+    requested_at: dict[tuple[str, int], float] = field(default_factory=dict)
     alerted: set[tuple[str, float]] = field(default_factory=set)
     seq: int = 0
     synced_tick: int = -1
@@ -73,6 +104,7 @@ class BudgetGuard:
     budgeted: dict[tuple[int, str, str], bool] = field(default_factory=dict)
     generation: int = 1  # counts the loads of the budget config
     live_cache: tuple[int, list[tuple[str, dict[str, Any], JobFacts]]] | None = None
+    reservations: Reservations = field(default_factory=Reservations)
 
     def fold(self, seq: int, stream: str, kind: str, data: dict[str, Any], at: float) -> None:
         if kind == "JobSubmitted":
@@ -89,8 +121,11 @@ class BudgetGuard:
         if facts is None:
             return
         attempt = int(data.get("attempt") or 0)
-        if kind == "InstanceCreated":
-            self.billed_through[(stream, attempt)] = at
+        if kind == "InstanceRequested":
+            self.requested_at[(stream, attempt)] = at
+        elif kind == "InstanceCreated":
+            # Billing starts at the intent, as in the cost projection.
+            self.billed_through[(stream, attempt)] = self.requested_at.pop((stream, attempt), at)
         elif kind == "CostAccrued":
             start = self.billed_through.get((stream, attempt), float(data["through"]))
             self.book.add(facts.team, facts.project, start, float(data["through"]),
@@ -206,7 +241,9 @@ def unbilled(sup: Supervisor, guard: BudgetGuard, now: float) -> list[tuple[str,
         return guard.unbilled_cache[1]
     pending = []
     for job_id, row, facts in _budgeted_live(sup, guard):
-        since = row["billed_through"] or row["created_at"]
+        # The guard's own mark, not the row's: the row may include a CostAccrued that the
+        # book has not folded yet (or the reverse), which would count an interval twice.
+        since = guard.billed_through.get((job_id, int(row["attempt"])))
         if since is None:
             continue
         usd = _live_dph(sup, job_id, row) * max(0.0, now - since) * sup.billing_time_scale / 3600
@@ -241,14 +278,57 @@ async def admission(sup: Supervisor, job_id: str) -> str | None:
     now = time.time()
     hours = remaining_hours(sup, facts, now)
     worst_usd = facts.max_dph * hours
+    reservations = _current_reservations(sup, guard, now)
     for status in _statuses(sup, guard, facts.team, facts.project, now):
-        if worst_usd > status.left_usd:
-            reason = (f"budget {status.scope} has ${max(0.0, status.left_usd):.2f} of "
-                      f"${status.limit_usd:.2f} left, but the job may cost up to "
-                      f"${worst_usd:.2f} (max_dph ${facts.max_dph:g}/h x {hours:g} h)")
+        reserved_usd = reservations.reserved_usd(status, job_id)
+        if worst_usd > status.left_usd - reserved_usd:
+            reason = (f"budget {status.scope} has ${max(0.0, status.left_usd - reserved_usd):.2f} "
+                      f"of ${status.limit_usd:.2f} left"
+                      + (f" after ${reserved_usd:.2f} reserved for admitted jobs" if reserved_usd else "")
+                      + f", but the job may cost up to ${worst_usd:.2f} "
+                      f"(max_dph ${facts.max_dph:g}/h x {hours:g} h)")
             await _hold(sup, guard, job_id, reason)
             return reason
+    if _budgeted(guard, facts):
+        reservations.admitted.append((job_id, facts, worst_usd))
     return None
+
+
+BILLING_STATES = frozenset({JobState.PROVISIONING.value, JobState.RUNNING.value,
+                            JobState.CHECKPOINTING.value, JobState.RESUMED.value})
+
+
+def _may_bill(sup: Supervisor, job_id: str) -> bool:
+    """Return whether the job may still bill: it passed admission and has not ended.
+
+    A preempted job keeps its reservation only while its instance lives (waiting for the same host);
+    without one it must pass admission again.
+    """
+    state = sup.table.jobs[job_id]["state"]
+    if state in BILLING_STATES:
+        return True
+    return state == JobState.PREEMPTED.value and bool(sup.table.live_attempts(job_id))
+
+
+def _current_reservations(sup: Supervisor, guard: BudgetGuard,
+                          now: float) -> Reservations:
+    """Return this tick's reservations: rebuilt from job states once, then grown by admissions.
+
+    A job admitted earlier in the tick counts once its provisioning left it out of queued; a
+    job admitted but then left waiting (no offer, instance limit) reserves nothing.
+    """
+    reservations = guard.reservations
+    if reservations.tick != sup.ticks:
+        reservations = guard.reservations = Reservations(tick=sup.ticks)
+        for job_id, facts in guard.jobs.items():
+            if job_id in sup.table.jobs and _budgeted(guard, facts) and _may_bill(sup, job_id):
+                reservations.add(job_id, facts, facts.max_dph * remaining_hours(sup, facts, now))
+        return reservations
+    for job_id, facts, worst_usd in reservations.admitted:
+        if job_id not in reservations.by_job and _may_bill(sup, job_id):
+            reservations.add(job_id, facts, worst_usd)
+    reservations.admitted.clear()
+    return reservations
 
 
 async def _hold(sup: Supervisor, guard: BudgetGuard, job_id: str, reason: str) -> None:

@@ -1,8 +1,8 @@
 """Cost, budgets and max duration against the emulator's billing, with real worker processes.
 
 The emulator bills one hour per real second (time_scale 3600), so a few seconds of running
-cost dollars. Admission and enforcement are wired the way the supervisor wires them:
-admission before each provisioning, enforcement at the end of each tick.
+cost dollars. The supervisor is the production one: it checks admission before each
+provisioning and enforces budgets at the end of each tick.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gpujobs.emulator.faults import FaultPlan
 from gpujobs.jobspec import JobSpec
 from gpujobs.settings import Settings, load_settings
 from gpujobs.states import JobState
-from gpujobs.supervisor import budget_guard, jobsteps
+from gpujobs.supervisor import budget_guard
 from gpujobs.supervisor.core import Supervisor
 from gpujobs.vast.client import VastClient
 
@@ -51,33 +51,25 @@ profiles:
     max_dph: 0.25
     reliability_min: 0.9
     max_duration_hours: 4
+  spot:
+    gpu_name: RTX_4090
+    num_gpus: 1
+    max_dph: 2.0
+    reliability_min: 0.9
+    max_duration_hours: 20
+    interruptible: true
+    on_preemption: wait
+    resume_wait_s: 2
+    disk_gb: 2000
 """
 BUDGETS = """\
 budgets:
   - team: lab
     limit_usd: 6.00
     period: day
-    alert_at: [0.5]
+    alert_at: [0.25]
 on_exceeded: wait
 """
-
-
-class GuardedSupervisor(Supervisor):
-    async def tick(self) -> None:
-        await super().tick()
-        await budget_guard.enforce(self)
-
-
-@pytest.fixture(autouse=True)
-def admission_wired(monkeypatch: pytest.MonkeyPatch) -> None:
-    original = jobsteps._provision_next
-
-    async def guarded(sup: Supervisor, job_id: str, offers_cache: dict) -> None:
-        if await budget_guard.admission(sup, job_id) is not None:
-            return
-        await original(sup, job_id, offers_cache)
-
-    monkeypatch.setattr(jobsteps, "_provision_next", guarded)
 
 
 class Stack:
@@ -87,7 +79,10 @@ class Stack:
         self.emulator = emulator
         self.client = client
         self.supervisor = supervisor
-        self.loop = asyncio.get_running_loop().create_task(supervisor.run())
+        self.loop: asyncio.Task[None] | None = None
+
+    def start_loop(self) -> None:
+        self.loop = asyncio.get_running_loop().create_task(self.supervisor.run())
 
     async def submit(self, **changes: Any) -> str:
         values: dict[str, Any] = {
@@ -108,7 +103,7 @@ class Stack:
                        timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
-            if self.loop.done():
+            if self.loop is not None and self.loop.done():
                 self.loop.result()
                 raise AssertionError("the supervisor loop stopped")
             if time.monotonic() > deadline:
@@ -135,8 +130,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def live_stack(tmp_path: Path, budgets: str = BUDGETS,
+async def live_stack(tmp_path: Path, budgets: str = BUDGETS, start: bool = True,
                      **changes: Any) -> AsyncIterator[Stack]:
+    """Run an emulator and a supervisor; with start=False the caller starts the loop."""
     config = tmp_path / "config"
     config.mkdir()
     (config / "gpu_profiles.yaml").write_text(PROFILES)
@@ -150,15 +146,18 @@ async def live_stack(tmp_path: Path, budgets: str = BUDGETS,
                         rate_limits=False)
     url = await emulator.start()
     client = VastClient(api_key=emulator.api_key, base_url=url, min_interval_s=NO_PACING)
-    supervisor = GuardedSupervisor(settings, client, billing_time_scale=SCALE,
+    supervisor = Supervisor(settings, client, billing_time_scale=SCALE,
                                    intent_timeout_s=5.0)
     await supervisor.start()
     stack = Stack(settings, emulator, client, supervisor)
+    if start:
+        stack.start_loop()
     try:
         yield stack
     finally:
         supervisor.request_stop()
-        await asyncio.gather(stack.loop, return_exceptions=True)
+        if stack.loop is not None:
+            await asyncio.gather(stack.loop, return_exceptions=True)
         await supervisor.stop()
         await client.close()
         await emulator.stop()
@@ -175,6 +174,33 @@ def first_time(events: list[Any], kind: str, attempt: int, **match: Any) -> floa
         ):
             return event.recorded_at
     raise AssertionError(f"no {kind} for attempt {attempt} with {match}")
+
+
+def billed_until(stack: Stack, at: float) -> float:
+    """What the emulator billed all instances up to real time `at`, each at its dph_total."""
+    total = 0.0
+    for row in stack.ledger().values():
+        end = at if row["destroyed_at"] is None else min(at, row["destroyed_at"])
+        total += usd(row["dph_total"], max(0.0, end - row["created_at"]))
+    return total
+
+
+def assert_stop_split(cost: JobCost, events: list[Any]) -> None:
+    """Check a stopped job's split: useful until the checkpoint after the stop, then idle."""
+    (attempt,) = cost.attempts
+    dph = attempt.dph_total
+    created = first_time(events, "InstanceCreated", 1)
+    started = first_time(events, "WorkerStarted", 1)
+    stop_at = next(e.recorded_at for e in events if e.type == "StopRequested")
+    run_end = min(e.recorded_at for e in events if e.recorded_at >= stop_at
+                  and e.type in ("CheckpointSaved", "InstanceDestroyRequested"))
+    destroyed = first_time(events, "InstanceDestroyed", 1)
+    assert attempt.by_category[PROVISIONING] == pytest.approx(usd(dph, started - created),
+                                                              rel=0.02)
+    assert attempt.by_category[USEFUL] == pytest.approx(usd(dph, run_end - started), rel=0.02)
+    assert attempt.by_category[LOST] == 0.0
+    assert attempt.by_category[IDLE] <= usd(dph, destroyed - run_end) * 1.01
+    assert sum(attempt.by_category.values()) == pytest.approx(attempt.cost_usd)
 
 
 def assert_matches_ledger(stack: Stack, cost: JobCost, tolerance: float = 0.01) -> None:
@@ -245,6 +271,43 @@ async def test_preemption_cost_and_lost_work(tmp_path: Path) -> None:
         assert rows[0].lost_usd == pytest.approx(first.by_category[LOST])
 
 
+# TODO: create_instance records OfferSelected.dph_total as the bare bid, so the journal bills
+# an interruptible instance without its storage; recording RankedOffer.price_dph fixes it.
+@pytest.mark.xfail(strict=True, reason="the journal bills a bid instance without storage")
+async def test_stopped_instance_storage_cost(tmp_path: Path) -> None:
+    # A large disk makes storage a visible part of the bill while the outbid instance waits
+    # stopped for its host (resume_wait_s) before the job migrates.
+    async with live_stack(tmp_path) as stack:
+        job_id = await stack.submit(profile="spot", team="other", total_steps=400,
+                                    checkpoint_every=50,
+                                    heartbeat_interval_s=PREEMPTED_HEARTBEAT_S)
+        await stack.wait_for(lambda: (stack.job(job_id)["last_checkpoint_step"] or 0) >= 50,
+                             "the first checkpoint")
+        instance_id = int(stack.job(job_id)["instance_id"])
+        emulated = stack.emulator.fleet.instances[instance_id]
+        await stack.emulator.preempt(instance_id, sigterm=False, grace_s=0.0)
+        job = await stack.settled(job_id)
+        assert job["state"] == "done"
+        assert job["attempt"] == 2
+
+        cost = (await stack.costs())[job_id]
+        first = cost.attempts[0]
+        assert first.instance_id == instance_id
+        assert_matches_ledger(stack, cost)
+        events = await stack.events(job_id)
+        billed = [e.data for e in events if e.type == "CostAccrued" and e.data["attempt"] == 1
+                  and e.data["billed_s"] > 0]
+        storage = [d for d in billed
+                   if d["dph_total"] == pytest.approx(emulated.disk_dph, rel=1e-4)]
+        running = [d for d in billed
+                   if d["dph_total"] == pytest.approx(emulated.dph_total, rel=1e-4)]
+        assert storage, "no CostAccrued at the storage rate for the stopped instance"
+        assert len(storage) + len(running) == len(billed)
+        # Without the storage charge the attempt's cost would miss the 1% match above.
+        assert sum(d["amount_usd"] for d in storage) > 0.05 * first.cost_usd
+        assert sum(first.by_category.values()) == pytest.approx(first.cost_usd)
+
+
 async def test_cancel_cost_matches_charges(tmp_path: Path) -> None:
     async with live_stack(tmp_path) as stack:
         job_id = await stack.submit(total_steps=100_000)
@@ -273,36 +336,52 @@ async def test_cancel_cost_matches_charges(tmp_path: Path) -> None:
 
 
 async def test_budget_stops_jobs_and_holds_new_ones(tmp_path: Path) -> None:
-    async with live_stack(tmp_path) as stack:
+    limit_usd = 6.0
+    roomy = BUDGETS.replace("limit_usd: 6.00", "limit_usd: 12.00")
+    async with live_stack(tmp_path, roomy) as stack:
         first = await stack.submit(total_steps=100_000)
         second = await stack.submit(total_steps=100_000)
+        await stack.wait_for(lambda: all(stack.job(j)["state"] == "running"
+                                         for j in (first, second)), "both jobs running")
+        # The team lowers its budget below what the two running jobs may cost together.
+        (tmp_path / "config" / "budgets.yaml").write_text(BUDGETS)
         ends = [await stack.settled(first), await stack.settled(second)]
-        limit_usd = 6.0
         for job in ends:
             assert job["state"] == "failed"
             assert job["reason"].startswith("budget team=lab/day=")
             assert " is used up: $" in job["reason"]
             assert f" spent of ${limit_usd:.2f}, and stopping may cost $" in job["reason"]
 
-        # Overshoot is bounded by one tick of both instances' billing.
+        # By the emulator's bill: the overshoot is at most one tick of both instances'
+        # billing, and the stop came when the bill plus the stop's own cost reached the limit.
+        ledger = stack.ledger()
         spent = stack.emulator.total_charges_usd()
-        burn_dph = sum(row["dph_total"] for row in stack.ledger().values())
-        assert spent <= limit_usd + usd(burn_dph, TICK_S)
-        assert spent >= 0.5 * limit_usd
+        assert spent == pytest.approx(billed_until(stack, float("inf")), rel=0.01)
+        burn_dph = sum(row["dph_total"] for row in ledger.values())
+        one_tick_usd = usd(burn_dph, TICK_S)
+        assert spent <= limit_usd + one_tick_usd
+        events = {job_id: await stack.events(job_id) for job_id in (first, second)}
+        stop_at = min(e.recorded_at for job_id in events for e in events[job_id]
+                      if e.type == "StopRequested")
+        at_stop = billed_until(stack, stop_at)
+        stop_lead_s = 2.0 + budget_guard.STOP_MARGIN_S + 2 * TICK_S  # grace_period_s 2.0
+        assert at_stop < limit_usd
+        assert at_stop + usd(burn_dph, stop_lead_s) >= limit_usd - one_tick_usd
+
         costs = await stack.costs()
         for job_id in (first, second):
             assert_matches_ledger(stack, costs[job_id])
-            assert costs[job_id].usd(LOST) == 0.0
+            assert_stop_split(costs[job_id], events[job_id])
 
         # The stop asked the workers to checkpoint before the instances went.
         for job_id in (first, second):
-            types = [e.type for e in await stack.events(job_id)]
+            types = [e.type for e in events[job_id]]
             assert "StopRequested" in types
             assert types.index("StopRequested") < types.index("InstanceDestroyRequested")
-        alerts = [e for job_id in (first, second) for e in await stack.events(job_id)
+        alerts = [e for job_id in (first, second) for e in events[job_id]
                   if e.type == "BudgetAlert"]
         assert len(alerts) == 1
-        assert alerts[0].data["threshold"] == 0.5
+        assert alerts[0].data["threshold"] == 0.25
         assert alerts[0].data["limit_usd"] == limit_usd
 
         # A new job's worst case ($0.25/h x 20 h) no longer fits: it waits in queued.
@@ -317,6 +396,33 @@ async def test_budget_stops_jobs_and_holds_new_ones(tmp_path: Path) -> None:
         assert stack.job(third)["attempt"] == 0
 
 
+async def test_admission_reserves_worst_cases(tmp_path: Path) -> None:
+    # $6.00 fits one worst case ($0.25/h x 20 h = $5.00) but not two. All three jobs are
+    # queued before the first tick, so they are checked in the same tick.
+    async with live_stack(tmp_path, start=False) as stack:
+        job_ids = [await stack.submit(total_steps=100_000) for _ in range(3)]
+        stack.start_loop()
+        await stack.wait_for(lambda: any(stack.job(j)["state"] == "running" for j in job_ids),
+                             "one job running")
+        await asyncio.sleep(3 * TICK_S)
+        running = [j for j in job_ids if stack.job(j)["attempt"] > 0]
+        assert len(running) == 1
+        assert len(stack.ledger()) == 1
+        for job_id in job_ids:
+            if job_id in running:
+                continue
+            assert stack.job(job_id)["state"] == "queued"
+            reason = stack.supervisor.table.runtime_for(job_id).wait_reason
+            assert reason is not None
+            assert reason.startswith("budget team=lab/day=")
+            assert " reserved for admitted jobs, but the job may cost up to $5.00 " in reason
+        for job_id in job_ids:
+            await jobs.cancel(stack.settings, job_id)
+        for job_id in job_ids:
+            assert (await stack.settled(job_id))["state"] == "cancelled"
+        assert len(stack.ledger()) == 1
+
+
 async def test_max_duration_stops_the_job(tmp_path: Path) -> None:
     async with live_stack(tmp_path) as stack:
         job_id = await stack.submit(profile="short", team="other", total_steps=100_000)
@@ -329,7 +435,9 @@ async def test_max_duration_stops_the_job(tmp_path: Path) -> None:
         stop = next(e for e in events if e.type == "StopRequested")
         ran_h = (stop.recorded_at - started) * SCALE / 3600.0
         assert 4.0 <= ran_h <= 4.0 + 2 * TICK_S * SCALE / 3600.0
-        assert_matches_ledger(stack, (await stack.costs())[job_id])
+        cost = (await stack.costs())[job_id]
+        assert_matches_ledger(stack, cost)
+        assert_stop_split(cost, events)
 
 
 async def test_reject_fails_job_that_cannot_fit(tmp_path: Path) -> None:
