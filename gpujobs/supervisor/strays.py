@@ -69,8 +69,8 @@ class StrayDestroyer:
         if stray.sent_at is not None and now - stray.sent_at < sup.destroy_resend_s:
             return  # accepted; a later list shows whether it went through
         if stray.sent_at is None and stray.failures == 0:
-            log.warning("instance %d has label %r but no live attempt in the journal; "
-                        "destroying it: %s", instance.id, instance.label, reason)
+            log.warning("destroying stray instance %d (label %r): %s", instance.id,
+                        instance.label, reason)
         else:
             log.warning("stray instance %d is still listed; sending DELETE again", instance.id)
         await sup.lease.ensure_held()
