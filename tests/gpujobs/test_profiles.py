@@ -311,3 +311,32 @@ def test_supervise_env_flag(monkeypatch: pytest.MonkeyPatch, flag: list[str],
     result = CliRunner().invoke(app, ["supervise", *flag])
     assert result.exit_code == 0, result.output
     assert [settings.env for settings in started] == [expected]
+
+
+async def test_supervise_unknown_env_stops(tmp_path: Path) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from gpujobs.emulator import Emulator
+
+    config = tmp_path / "config"
+    config.mkdir()
+    budgets = write(config, "budgets:\n  - team: lab\n    limit_usd: 5\n    period: day\n"
+                    "environments:\n  prod:\n    on_exceeded: reject\n", "budgets.yaml")
+    emulator = Emulator(seed=1, rate_limits=False, workdir=tmp_path / "emulator")
+    url = await emulator.start()
+    env = dict(os.environ, VAST_URL=url, VAST_API_KEY=emulator.api_key,
+               GPUJOBS_CONFIG_DIR=str(config))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gpujobs.cli", "supervise", "--tick-s", "0.2", "--env",
+            "staging", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await emulator.stop()
+    assert proc.returncode == 2
+    shipped = SHIPPED_CONFIG_DIR / "budgets.yaml"
+    assert err.decode().splitlines()[-1] == (
+        f"error: environment 'staging' is not defined in {shipped}, {budgets}; defined: dev, "
+        "prod; add it under 'environments:' or fix GPUJOBS_ENV / --env")
