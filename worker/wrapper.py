@@ -3,7 +3,10 @@
 The child finds $GPUJOBS_CHECKPOINT_DIR (restored from the latest checkpoint when there is
 one). It writes a checkpoint as a folder <dir>/step-<N>/ and marks it finished by creating
 the empty file <dir>/step-<N>/.done last; the wrapper uploads each finished folder as a tar
-archive. Signals are forwarded to the child, whose output becomes the attempt's log.
+archive. Plain files that the child writes into the folder are uploaded too, once stable
+(worker.wrapper_files). The child runs in its own session, so a signal sent to the wrapper's
+process group reaches it once: the wrapper forwards SIGTERM and SIGINT. The child's output
+becomes the attempt's log.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from worker.config import ENV_CHECKPOINT_DIR
 from worker.errors import BadCheckpoint, CheckpointTimeout
 from worker.protocol import CheckpointRef, CompletionMarker, ReportKind
 from worker.session import FINAL_UPLOAD_TIMEOUT_S, WorkerSession
+from worker.wrapper_files import PlainFileSync
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +77,22 @@ def run_wrapped(session: WorkerSession, command: list[str]) -> int:
         resumed = _restore_folder(session, folder)
     except BadCheckpoint as exc:
         return session.fail(str(exc), protocol.EXIT_BAD_CHECKPOINT)
+    files = PlainFileSync(session.storage, session.loop, folder)
+    restored_files = files.restore(timeout_s=300)
+    if restored_files:
+        logger.info("restored %d checkpoint files into %s", len(restored_files), folder)
     uploaded = set(finished_steps(folder))
     env = {**os.environ, ENV_CHECKPOINT_DIR: str(folder)}
     if resumed is not None:
         env[ENV_RESUMED_FROM_STEP] = str(resumed.step)
 
+    # A session of its own: a signal to the wrapper's process group would otherwise reach
+    # the child directly as well as through _forward, and the child would see it twice.
+    # NOTE: the child therefore outlives a wrapper killed by SIGKILL.
     child = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     session.preemption.on_request = lambda signum: _forward(child, signum or signal.SIGTERM)
     copier = threading.Thread(target=_copy_output, args=(child, session.capture), daemon=True)
     copier.start()
@@ -88,10 +100,12 @@ def run_wrapped(session: WorkerSession, command: list[str]) -> int:
 
     while child.poll() is None:
         _sync(session, folder, uploaded)
+        files.scan()
         child_wait(child, POLL_INTERVAL_S)
     copier.join(5)
     _sync(session, folder, uploaded)
-    return _finish(session, child.returncode, max(uploaded, default=0))
+    files.scan(final=True)  # the child has exited, so its files are closed
+    return _finish(session, files, child.returncode, max(uploaded, default=0))
 
 
 def child_wait(child: subprocess.Popen, timeout_s: float) -> None:
@@ -128,7 +142,7 @@ def _sync(session: WorkerSession, folder: Path, uploaded: set[int]) -> None:
         session.checkpoints.save_payload(step, pack_folder(folder / f"step-{step}"), ARCHIVE_NAME)
 
 
-def _finish(session: WorkerSession, returncode: int, step: int) -> int:
+def _finish(session: WorkerSession, files: PlainFileSync, returncode: int, step: int) -> int:
     """Report how the child ended; the completion marker is stored only after a clean exit."""
     config = session.config
     preemption = session.preemption
@@ -139,13 +153,18 @@ def _finish(session: WorkerSession, returncode: int, step: int) -> int:
             session.checkpoints.wait_durable(max(preemption.remaining_grace_s() - 1, 0.5))
         except CheckpointTimeout:
             logger.warning("last checkpoint of the command not durable within the grace period")
+        if not files.wait(max(preemption.remaining_grace_s() - 1, 0.5)):
+            logger.warning("checkpoint files of the command not uploaded within the grace period")
         session.upload_attempt_files(max(preemption.remaining_grace_s(), 0.5))
         session.reporter.flush(max(preemption.remaining_grace_s(), 0.5))
         return protocol.EXIT_PREEMPTED
     if returncode != 0:
+        files.wait(10)
         return session.fail(f"command exited with status {returncode}")
 
     session.checkpoints.wait_durable(FINAL_UPLOAD_TIMEOUT_S)
+    if not files.wait(FINAL_UPLOAD_TIMEOUT_S):
+        logger.warning("checkpoint files not uploaded within %.0f s", FINAL_UPLOAD_TIMEOUT_S)
     logger.info(
         "job %s attempt %d: command finished at step %d", config.job_id, config.attempt, step
     )

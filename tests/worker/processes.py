@@ -39,7 +39,8 @@ def worker_env(store: Path, attempt: int = 1, **overrides: str) -> dict[str, str
 class WorkerProcess:
     """A worker subprocess whose combined output is collected line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], new_session: bool = False) -> None:
+        """Start the worker; new_session makes it a process group leader, for os.killpg."""
         self.process = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", *args],
             cwd=REPO_ROOT,
@@ -47,6 +48,7 @@ class WorkerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=new_session,
         )
         self.lines: list[str] = []
         self._new_lines: queue.Queue[str | None] = queue.Queue()

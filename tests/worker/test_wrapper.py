@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from worker import protocol
 from worker.checkpoint_store import find_latest_checkpoint
 from worker.storage import LocalStorage
 from worker.wrapper import finished_steps, pack_folder, unpack_archive
+from worker.wrapper_files import WRAPPER_FILES_DIR, plain_files
 
 CHILD = """
 import os, signal, sys, time
@@ -112,3 +114,105 @@ def test_pack_unpack_roundtrip(tmp_path: Path) -> None:
     unpack_archive(pack_folder(source), tmp_path / "dst")
 
     assert (tmp_path / "dst" / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
+
+
+# Unmodified training code: one plain file rewritten in place, no step folders, no .done.
+PLAIN_CHILD = """
+import os, signal, time
+from pathlib import Path
+
+folder = Path(os.environ["GPUJOBS_CHECKPOINT_DIR"])
+state = folder / "state.txt"
+step = int(state.read_text()) if state.exists() else 0
+received = []
+for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda number, frame: received.append(signal.Signals(number).name))
+print(f"child starting at step {step}", flush=True)  # after the handlers, for the tests
+while step < 80 and not received:
+    time.sleep(0.05)
+    step += 1
+    if step % 20 == 0:
+        state.write_text(str(step))
+        (folder / "logs").mkdir(exist_ok=True)
+        (folder / "logs" / "seen.txt").write_text(f"seen {step}")
+if received:
+    time.sleep(1.0)  # a second delivery of the signal would arrive by now
+    state.write_text(str(step))
+    print(f"child stopped at step {step} after {','.join(received)}", flush=True)
+else:
+    print("child done", flush=True)
+"""
+STOPPED = r"child stopped at step (\d+) after (\S+)$"
+
+
+def plain_child_command(tmp_path: Path) -> list[str]:
+    child = tmp_path / "plain_child.py"
+    child.write_text(PLAIN_CHILD)
+    return ["run", "--", sys.executable, str(child)]
+
+
+def test_wrapper_syncs_plain_files(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    command = plain_child_command(tmp_path)
+    env = worker_env(store, GPUJOBS_CHECKPOINT_DIR=str(tmp_path / "a"))
+
+    worker = WorkerProcess(command, env)
+    try:
+        worker.wait_for_line(r"checkpoint file state.txt uploaded")
+        worker.process.send_signal(signal.SIGTERM)
+        first_code = worker.wait(60)
+    finally:
+        worker.kill()
+    stopped = int(worker.wait_for_line(STOPPED).group(1))
+
+    assert first_code == protocol.EXIT_PREEMPTED, worker.output()
+    assert (store / WRAPPER_FILES_DIR / "state.txt").read_text() == str(stopped)
+    assert (store / WRAPPER_FILES_DIR / "logs" / "seen.txt").read_text().startswith("seen ")
+
+    env = worker_env(store, attempt=2, GPUJOBS_CHECKPOINT_DIR=str(tmp_path / "b"))
+    resumed = run_worker(command, env)
+
+    assert resumed.process.returncode == protocol.EXIT_OK, resumed.output()
+    assert f"child starting at step {stopped}" in resumed.output()
+    assert "restored 2 checkpoint files" in resumed.output()
+    assert (store / WRAPPER_FILES_DIR / "state.txt").read_text() == "80"
+
+
+def test_wrapper_forwards_sigint(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    worker = WorkerProcess(plain_child_command(tmp_path), worker_env(store))
+    try:
+        worker.wait_for_line(r"child starting at step 0")
+        worker.process.send_signal(signal.SIGINT)
+        code = worker.wait(60)
+    finally:
+        worker.kill()
+
+    assert code == protocol.EXIT_PREEMPTED, worker.output()
+    assert worker.wait_for_line(STOPPED).group(2) == "SIGINT"
+
+
+def test_group_signal_reaches_child_once(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    worker = WorkerProcess(plain_child_command(tmp_path), worker_env(store), new_session=True)
+    try:
+        worker.wait_for_line(r"child starting at step 0")
+        os.killpg(worker.process.pid, signal.SIGTERM)  # the worker leads its own group
+        code = worker.wait(60)
+    finally:
+        worker.kill()
+
+    assert code == protocol.EXIT_PREEMPTED, worker.output()
+    assert worker.wait_for_line(STOPPED).group(2) == "SIGTERM"
+
+
+def test_plain_files_skip_step_folders(tmp_path: Path) -> None:
+    (tmp_path / "step-5").mkdir()
+    (tmp_path / "step-5" / "weights.bin").write_bytes(b"w")
+    (tmp_path / ".partial").write_bytes(b"p")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "model.pt").write_bytes(b"abc")
+    (tmp_path / "state.txt").write_text("7")
+
+    assert sorted(plain_files(tmp_path)) == ["nested/model.pt", "state.txt"]
+    assert plain_files(tmp_path)["nested/model.pt"][0] == 3

@@ -1,0 +1,110 @@
+"""Wrapper mode: plain checkpoint files that unmodified training code writes into its folder.
+
+Any file of the checkpoint folder outside the step-<N>/ folders (and not hidden) is uploaded
+to <job>/wrapper-files/<path> once it is stable: the same size and modification time in two
+scans in a row, or the child has exited. Each object is replaced whole, so a stored file is
+either its previous or its new version. A new attempt downloads them all before the child starts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import re
+from pathlib import Path
+
+from worker.background import BackgroundLoop
+from worker.storage import Storage, StorageError
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_FILES_DIR = "wrapper-files"
+_STEP_FOLDER = re.compile(r"^step-\d+$")
+
+# A file's (size, modification time in ns) as one scan saw it.
+Signature = tuple[int, int]
+
+
+def plain_files(folder: Path) -> dict[str, Signature]:
+    """Return the plain files under folder by relative path, skipping step folders and dot files."""
+    found: dict[str, Signature] = {}
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if _STEP_FOLDER.match(relative.parts[0]) or any(p.startswith(".") for p in relative.parts):
+            continue
+        try:
+            if path.is_file() and not path.is_symlink():
+                stat = path.stat()
+                found[relative.as_posix()] = (stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:  # deleted between the listing and the stat
+            continue
+    return found
+
+
+class PlainFileSync:
+    """Uploads the folder's plain files once stable; restore() brings them back on start.
+
+    NOTE: a file rewritten in place while its upload runs may be stored torn; the next scan
+    sees the new modification time and uploads it again, and the last sync runs after the
+    child has exited.
+    """
+
+    def __init__(self, storage: Storage, loop: BackgroundLoop, folder: Path) -> None:
+        self.storage = storage
+        self.folder = folder
+        self._loop = loop
+        self._previous_scan: dict[str, Signature] = {}
+        self._uploaded: dict[str, Signature] = {}
+        self._uploads: list[concurrent.futures.Future[None]] = []
+
+    def restore(self, timeout_s: float) -> list[str]:
+        """Download every stored plain file into the folder; return their relative paths."""
+        restored = self._loop.run(self._download_all(), timeout_s)
+        self._uploaded = plain_files(self.folder)
+        self._previous_scan = dict(self._uploaded)
+        return restored
+
+    async def _download_all(self) -> list[str]:
+        prefix = f"{WRAPPER_FILES_DIR}/"
+        restored = []
+        for key in await self.storage.list(prefix):
+            relative = key.removeprefix(prefix)
+            target = (self.folder / relative).resolve()
+            if not target.is_relative_to(self.folder.resolve()):
+                logger.warning("skipped stored file %s: its path leaves %s", key, self.folder)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            await self.storage.get_file(key, target)
+            restored.append(relative)
+        return restored
+
+    def scan(self, final: bool = False) -> list[str]:
+        """Start uploads of changed files that are stable, or of every changed file if final.
+
+        Returns the relative paths whose upload started.
+        """
+        current = plain_files(self.folder)
+        started = []
+        for relative, signature in sorted(current.items()):
+            stable = final or self._previous_scan.get(relative) == signature
+            if stable and self._uploaded.get(relative) != signature:
+                self._uploaded[relative] = signature
+                self._uploads.append(self._loop.submit(self._upload(relative)))
+                started.append(relative)
+        self._previous_scan = current
+        return started
+
+    async def _upload(self, relative: str) -> None:
+        try:
+            await self.storage.put_file(f"{WRAPPER_FILES_DIR}/{relative}", self.folder / relative)
+        except (StorageError, OSError) as exc:
+            self._uploaded.pop(relative, None)  # so that the next scan tries again
+            logger.warning("could not upload checkpoint file %s: %s", relative, exc)
+            return
+        logger.info("checkpoint file %s uploaded", relative)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait for the uploads started so far; return False if some were still running."""
+        _, running = concurrent.futures.wait(self._uploads, timeout_s)
+        self._uploads = list(running)
+        return not running
