@@ -9,7 +9,8 @@ The number of API calls per tick does not grow with the number of healthy jobs:
   instance is gone, and only after two sweeps in a row missed it.
 
 Instances with our label prefix are adopted (an intent without an outcome), confirmed gone (a
-destroy that went through), or destroyed as strays (no live attempt owns them, see strays.py).
+destroy that went through), or destroyed as strays (no live attempt owns them, or another
+instance already carries the label, see strays.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
+RecordedId = Callable[[Key], "int | None"]  # the instance id the journal records for a label
 NOT_RUNNING = {"actual_status": {"neq": "running"}}
 
 
@@ -45,6 +48,8 @@ class InstanceView:
     # When this tick's list of not-running instances was taken. Every instance in `known` reads
     # as of then: those not in `fresh` were running at that moment.
     listed_at: float = field(default_factory=time.time)
+    # Instances listed this tick under a label that another instance in `known` carries.
+    duplicates: dict[int, Instance] = field(default_factory=dict)
 
     def get(self, key: Key) -> Instance | None:
         return self.known.get(key)
@@ -57,6 +62,7 @@ class InstanceTracker:
         self.pages_per_tick = pages_per_tick
         self.known: dict[Key, Instance] = {}
         self._sweep: dict[Key, Instance] = {}
+        self._sweep_duplicates: dict[int, Instance] = {}
         self._token: str | None = None
         self._troubled: set[Key] = set()
         self.sweeps_completed = 0
@@ -69,18 +75,22 @@ class InstanceTracker:
     async def refresh(self, sup: Supervisor) -> InstanceView | None:
         """List what this tick may; None if the API failed (no decision rests on a failed list)."""
         self.calls_last_tick = 0
+        recorded_id = _recorded_id(sup)
+        duplicates: dict[int, Instance] = {}
         try:
             started = time.time()
-            troubled = await self._list_troubled(sup)
+            troubled = await self._list_troubled(sup, duplicates, recorded_id)
             listed_at = (started + time.time()) / 2.0
-            complete = await self._advance_sweep(sup)
+            complete = await self._advance_sweep(sup, recorded_id)
         except vast_errors.VastError as exc:
             log.warning("instance list failed; skipping reconcile this tick: %s", exc)
             return None
-        view = InstanceView(complete=complete, listed_at=listed_at)
+        view = InstanceView(complete=complete, listed_at=listed_at, duplicates=duplicates)
         if complete:
             self.known = self._sweep
             self._sweep = {}
+            duplicates.update(self._sweep_duplicates)
+            self._sweep_duplicates = {}
             self.sweeps_completed += 1
         for key in self._troubled - troubled.keys():
             # Left the not-running list: it runs now, whatever the last sweep recorded.
@@ -88,29 +98,31 @@ class InstanceTracker:
             if old is not None and old.actual_status != "running":
                 self.known[key] = dataclasses.replace(old, actual_status="running",
                                                       cur_state="running")
+        for key, instance in list(troubled.items()):
+            if not _place(key, instance, self.known, duplicates, recorded_id):
+                del troubled[key]  # the label's instance in the view is another one
         self._troubled = set(troubled)
-        for key, instance in troubled.items():
-            self.known[key] = instance
         view.known = self.known
         view.fresh = troubled
         return view
 
-    async def _list_troubled(self, sup: Supervisor) -> dict[Key, Instance]:
+    async def _list_troubled(self, sup: Supervisor, duplicates: dict[int, Instance],
+                             recorded_id: RecordedId) -> dict[Key, Instance]:
         found: dict[Key, Instance] = {}
         token: str | None = None
         while True:
             page, token = await sup.client.list_instances_page(filters=NOT_RUNNING,
                                                                after_token=token)
             self.calls_last_tick += 1
-            _index(page, found)
+            _index(page, found, duplicates, recorded_id)
             if not token:
                 return found
 
-    async def _advance_sweep(self, sup: Supervisor) -> bool:
+    async def _advance_sweep(self, sup: Supervisor, recorded_id: RecordedId) -> bool:
         for _ in range(self.pages_per_tick):
             page, self._token = await sup.client.list_instances_page(after_token=self._token)
             self.calls_last_tick += 1
-            _index(page, self._sweep)
+            _index(page, self._sweep, self._sweep_duplicates, recorded_id)
             if not self._token:
                 return True
         return False
@@ -123,12 +135,44 @@ KEPT_RAW_FIELDS = ("storage_total_cost", "storage_cost", "disk_space")
 _EMPTY: dict[str, Any] = {}
 
 
-def _index(page: list[Instance], into: dict[Key, Instance]) -> None:
+def _index(page: list[Instance], into: dict[Key, Instance], duplicates: dict[int, Instance],
+           recorded_id: RecordedId) -> None:
     for instance in page:
         key = parse_label(instance.label)
         if key is not None:
             raw = {name: instance.raw[name] for name in KEPT_RAW_FIELDS if name in instance.raw}
-            into[key] = dataclasses.replace(instance, raw=raw, extra_env=_EMPTY, ports=_EMPTY)
+            slim = dataclasses.replace(instance, raw=raw, extra_env=_EMPTY, ports=_EMPTY)
+            _place(key, slim, into, duplicates, recorded_id)
+
+
+def _place(key: Key, instance: Instance, into: dict[Key, Instance],
+           duplicates: dict[int, Instance], recorded_id: RecordedId) -> bool:
+    """Put an instance under its label; False if another one keeps the label instead.
+
+    When two instances carry one label, the one the journal records keeps it (or the older
+    one, if the journal records neither), and the other goes to `duplicates`.
+    """
+    current = into.get(key)
+    if current is None or current.id == instance.id:
+        into[key] = instance
+        return True
+    recorded = recorded_id(key)
+    if instance.id == recorded or (current.id != recorded and instance.id < current.id):
+        into[key] = instance
+        duplicates[current.id] = current
+        return True
+    duplicates[instance.id] = instance
+    return False
+
+
+def _recorded_id(sup: Supervisor) -> RecordedId:
+    attempts = sup.table.attempts
+
+    def recorded_id(key: Key) -> int | None:
+        row = attempts.get(key[0], {}).get(key[1])
+        return None if row is None else row["instance_id"]
+
+    return recorded_id
 
 
 async def reconcile(sup: Supervisor, view: InstanceView) -> None:
@@ -145,6 +189,8 @@ async def reconcile(sup: Supervisor, view: InstanceView) -> None:
             # so record it, and the job's steps then keep or destroy it.
             async with table.runtime_for(job_id).lock:
                 await _adopt(sup, job_id, attempt, instance)
+    for instance in list(view.duplicates.values()):
+        await sup.strays.destroy(sup, instance, "another instance carries the same label")
     if view.complete:
         await _settle_missing(sup, view)
         await sup.strays.settle(sup, view)

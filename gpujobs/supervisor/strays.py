@@ -105,7 +105,8 @@ class StrayDestroyer:
         for stray in list(self.pending.values()):
             key = parse_label(stray.label)
             listed = None if key is None else view.known.get(key)
-            if listed is not None and listed.id == stray.instance_id:
+            if stray.instance_id in view.duplicates or (
+                    listed is not None and listed.id == stray.instance_id):
                 stray.missing_lists = 0
                 continue
             stray.missing_lists += 1

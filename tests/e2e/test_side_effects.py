@@ -124,3 +124,26 @@ async def test_pending_stray_settled_after_restart(tmp_path: Path) -> None:
                              what="the stray recorded as destroyed")
         types = await stream_types(stack, ev.SUPERVISOR_STREAM)
         assert types == ["StrayDestroyRequested", "StrayDestroyed"]
+
+
+async def test_second_instance_with_label_destroyed(tmp_path: Path) -> None:
+    async with harness.live_stack(tmp_path / "home") as stack:
+        stack.start_loop()
+        job_id = await stack.submit(total_steps=600, step_delay_s=0.01)
+        await stack.wait_for(lambda: stack.state(job_id) == "running", what="running")
+        own_id = stack.job(job_id)["instance_id"]
+        # Another instance appears under the running attempt's label.
+        extra_id = await create_stray(stack, f"gpujobs:{job_id}:1")
+        await stack.wait_for(lambda: extra_id not in stack.emulator.live_instance_ids(),
+                             what="the second instance destroyed")
+        assert own_id in stack.emulator.live_instance_ids()
+
+        job = await stack.wait_settled(job_id)
+        assert job["state"] == "done"
+        assert job["preemptions"] == 0
+        assert job["attempt"] == 1
+        events = await stack.supervisor.store.read_stream(ev.SUPERVISOR_STREAM)
+        assert {e.data["instance_id"] for e in events} == {extra_id}
+        [created] = [e for e in await stack.supervisor.store.read_stream(job_id)
+                     if e.type == "InstanceCreated"]
+        assert created.data["instance_id"] == own_id
