@@ -14,7 +14,7 @@ from journal import EventStore, RecordedEvent
 from gpujobs.audit import iso_utc
 from gpujobs.errors import GpujobsError, JobNotFound
 from gpujobs.projections import (
-    ATTEMPT_COLUMNS, JOB_COLUMNS, decode_row, fold_all, fold_attempt, fold_job,
+    ATTEMPT_COLUMNS, JOB_COLUMNS, decode_row, fold_all, fold_attempt, fold_job, is_job_stream,
 )
 from gpujobs.states import JobMachine, JobState, TRANSITION_EVENTS
 
@@ -102,6 +102,11 @@ def replay_events(job_id: str, events: list[RecordedEvent], *, at: float | None 
 
 async def replay_job(store: EventStore, job_id: str, *, at: float | None = None,
                      journal_path: str = "") -> Replay:
+    if not is_job_stream(job_id):
+        raise GpujobsError(
+            f"{job_id!r} is the supervisor's own stream, not a job; list its events with "
+            f"`gpujobs audit --job {job_id}`"
+        )
     events = await store.read_stream(job_id)
     if not events:
         raise JobNotFound(job_id, journal_path)

@@ -200,3 +200,12 @@ def test_verify_rejects_malformed_head(home, text):
     assert str(result.exception) == (
         f"invalid --head {text!r}; use SEQ:HASH as printed by `gpujobs audit head`"
     )
+
+
+def test_replay_rejects_supervisor_stream(home):
+    result = invoke("replay", "--job", "supervisor")
+    assert isinstance(result.exception, GpujobsError)
+    assert str(result.exception) == (
+        "'supervisor' is the supervisor's own stream, not a job; list its events with "
+        "`gpujobs audit --job supervisor`"
+    )
