@@ -6,6 +6,7 @@ GpujobsError
 ├── IllegalTransition    an event does not apply to the job's current state
 ├── JobNotFound          no job with that id in the journal
 ├── SupervisorRunning    another supervisor holds this journal's lease
+├── LeaseLost            this supervisor's lease was taken over (gpujobs.supervisor.lease)
 └── BudgetExceeded       a job's worst case does not fit what is left of a budget
 """
 
