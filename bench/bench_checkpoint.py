@@ -3,8 +3,8 @@
 Compares the training stall of the worker's background upload (CheckpointManager.save) with
 two baselines: a plain in-memory copy of the state's tensors, and the synchronous approach
 (torch.save to a local file, boto3 upload_file, then continue). It also compares S3Storage's
-multipart upload with boto3's upload_file, for one checkpoint of --size-mb megabytes. The measurements alternate within each
-repeat, so load from other processes hits all of them alike.
+multipart upload with boto3's upload_file, for one checkpoint of --size-mb megabytes. The
+measurements alternate within each repeat, so load from other processes hits all of them alike.
 Run: .venv/bin/python bench/bench_checkpoint.py [--size-mb 128] [--repeats 5]
 """
 
@@ -111,8 +111,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
     process, url = start_moto()
+    load_before = os.getloadavg()[0]
     try:
         run(url, args.size_mb, args.repeats)
+        # Other processes share the cores; the 1-minute load average shows how much.
+        print(f"{os.cpu_count()} cores, 1-minute load average {load_before:.2f} before "
+              f"and {os.getloadavg()[0]:.2f} after the run")
     finally:
         process.terminate()
         process.wait(10)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import zlib
 from pathlib import Path
 
 import boto3
@@ -178,6 +180,41 @@ async def test_s3_multipart_roundtrip(moto_url: str, s3_bucket: str, tmp_path: P
         assert _pending_uploads(moto_url, s3_bucket) == []
     finally:
         await storage.close()
+
+
+@pytest.mark.parametrize("part_checksums", [True, False])
+async def test_s3_multipart_part_checksums(
+    moto_url: str, s3_bucket: str, part_checksums: bool
+) -> None:
+    storage = make_s3_storage(
+        moto_url, s3_bucket, part_size_bytes=MIB, part_checksums=part_checksums
+    )
+    payload = os.urandom(2 * MIB + 7)
+    try:
+        await storage.put_bytes("checked.bin", payload)
+        assert await storage.get_bytes("checked.bin") == payload
+    finally:
+        await storage.close()
+
+    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
+    head = client.head_object(Bucket=s3_bucket, Key="job-1/checked.bin", ChecksumMode="ENABLED")
+    assert ("ChecksumCRC32" in head) == part_checksums
+    if part_checksums:
+        # A composite checksum: the CRC32 of the parts' CRC32s, in order.
+        parts = [payload[offset : offset + MIB] for offset in range(0, len(payload), MIB)]
+        joined = b"".join(zlib.crc32(part).to_bytes(4, "big") for part in parts)
+        expected = base64.b64encode(zlib.crc32(joined).to_bytes(4, "big")).decode()
+        assert head["ChecksumCRC32"].split("-")[0] == expected
+
+
+def test_part_checksums_env_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUJOBS_S3_PART_CHECKSUMS", "maybe")
+
+    with pytest.raises(StorageError, match="invalid GPUJOBS_S3_PART_CHECKSUMS='maybe'"):
+        open_storage("s3://bucket/prefix")
+
+    monkeypatch.setenv("GPUJOBS_S3_PART_CHECKSUMS", "0")
+    assert open_storage("s3://bucket/prefix").part_checksums is False
 
 
 async def test_s3_multipart_aborted_on_failure(moto_url: str, s3_bucket: str) -> None:

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 ENV_S3_ENDPOINT_URL = "GPUJOBS_S3_ENDPOINT_URL"
 ENV_S3_PATH_STYLE = "GPUJOBS_S3_PATH_STYLE"
+# "0" leaves out the CRC32 of multipart parts, for S3-compatible stores that reject it.
+ENV_S3_PART_CHECKSUMS = "GPUJOBS_S3_PART_CHECKSUMS"
 PREFLIGHT_TIMEOUT_S = 15.0
 
 
@@ -52,8 +54,8 @@ def open_storage(uri: str, **options: Any) -> Storage:
 
     S3 options: endpoint_url (default $GPUJOBS_S3_ENDPOINT_URL, then $AWS_ENDPOINT_URL),
     region, path_style (default $GPUJOBS_S3_PATH_STYLE=1), profile, part_size_bytes,
-    parts_in_flight, multipart_threshold_bytes, page_size, connect_timeout_s, read_timeout_s,
-    max_attempts.
+    parts_in_flight, multipart_threshold_bytes, part_checksums (default
+    $GPUJOBS_S3_PART_CHECKSUMS=1), page_size, connect_timeout_s, read_timeout_s, max_attempts.
     """
     parsed = urlparse(uri)
     if parsed.scheme == "file":
@@ -70,8 +72,18 @@ def open_storage(uri: str, **options: Any) -> Storage:
             os.environ.get(ENV_S3_ENDPOINT_URL) or os.environ.get("AWS_ENDPOINT_URL") or None,
         )
         options.setdefault("path_style", os.environ.get(ENV_S3_PATH_STYLE, "") in ("1", "true"))
+        options.setdefault("part_checksums", _part_checksums_from_env())
         return S3Storage(parsed.netloc, parsed.path, **options)
     raise StorageError(f"unsupported storage URI {uri!r}: use file:///path or s3://bucket/prefix")
+
+
+def _part_checksums_from_env() -> bool:
+    value = os.environ.get(ENV_S3_PART_CHECKSUMS, "1").strip().lower()
+    if value not in ("0", "1", "true", "false"):
+        raise StorageError(
+            f"invalid {ENV_S3_PART_CHECKSUMS}={value!r}: use 1 (send a CRC32 per part) or 0"
+        )
+    return value in ("1", "true")
 
 
 async def preflight(storage: Storage, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> None:
