@@ -301,10 +301,13 @@ BILLING_STATES = frozenset({JobState.PROVISIONING.value, JobState.RUNNING.value,
 def _may_bill(sup: Supervisor, job_id: str) -> bool:
     """Return whether the job may still bill: it passed admission and has not ended.
 
-    A preempted job keeps its reservation only while its instance lives (waiting for the same host);
-    without one it must pass admission again.
+    A preempted job keeps its reservation only while its instance lives (waiting for the
+    same host); without one it must pass admission again.
     """
-    state = sup.table.jobs[job_id]["state"]
+    job = sup.table.jobs.get(job_id)
+    if job is None:
+        return False
+    state = job["state"]
     if state in BILLING_STATES:
         return True
     return state == JobState.PREEMPTED.value and bool(sup.table.live_attempts(job_id))
@@ -320,8 +323,9 @@ def _current_reservations(sup: Supervisor, guard: BudgetGuard,
     reservations = guard.reservations
     if reservations.tick != sup.ticks:
         reservations = guard.reservations = Reservations(tick=sup.ticks)
-        for job_id, facts in guard.jobs.items():
-            if job_id in sup.table.jobs and _budgeted(guard, facts) and _may_bill(sup, job_id):
+        for job_id in sup.table.jobs:
+            facts = guard.jobs.get(job_id)
+            if facts is not None and _budgeted(guard, facts) and _may_bill(sup, job_id):
                 reservations.add(job_id, facts, facts.max_dph * remaining_hours(sup, facts, now))
         return reservations
     for job_id, facts, worst_usd in reservations.admitted:
