@@ -311,5 +311,9 @@ async def test_command_reconcile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     mismatched = await invoke("--reconcile", "--since", rented_from)
     assert mismatched.exit_code == 1, mismatched.output
     line = next(line for line in mismatched.stdout.splitlines() if str(instance_id) in line)
-    assert "MISMATCH" in line
-    assert f"{-charged_usd * 0.5:+.6f}" in line
+    cells = [cell.strip() for cell in line.strip("│ ").split("│")]
+    assert cells[-1] == "MISMATCH"
+    journal, charged, diff = (float(cell) for cell in cells[3:6])
+    assert journal == pytest.approx(charged_usd * 0.5, abs=1e-6)
+    assert charged == pytest.approx(charged_usd, rel=0.01)
+    assert diff == pytest.approx(journal - charged, abs=2e-6)
