@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(180)
 
 DURABLE = r"checkpoint at step (\d+) durable"
 STOPPING = r"stopping at step (\d+)"
-# A digits checkpoint is about 230 kB, so one upload takes about 1.8 s through the proxy.
+# A digits checkpoint is about 230 kB, so one upload took about 1.7 s through the proxy.
 PROXY_BYTES_PER_S = 128 * 1024
 
 
