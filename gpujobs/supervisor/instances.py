@@ -62,7 +62,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
     selected = ev.OfferSelected(
         attempt=attempt, offer_id=offer.id, machine_id=offer.machine_id, host_id=offer.host_id,
         gpu_name=offer.gpu_name or "", num_gpus=offer.num_gpus or 0,
-        dph_total=choice.bid_price or offer.dph_total or 0.0, reliability=offer.reliability,
+        dph_total=choice.price_dph or offer.dph_total or 0.0, reliability=offer.reliability,
         bid_price=choice.bid_price, rank_reason=choice.reason,
     )
     await sup.lease.ensure_held()

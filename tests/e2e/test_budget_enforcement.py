@@ -271,9 +271,6 @@ async def test_preemption_cost_and_lost_work(tmp_path: Path) -> None:
         assert rows[0].lost_usd == pytest.approx(first.by_category[LOST])
 
 
-# TODO: create_instance records OfferSelected.dph_total as the bare bid, so the journal bills
-# an interruptible instance without its storage; recording RankedOffer.price_dph fixes it.
-@pytest.mark.xfail(strict=True, reason="the journal bills a bid instance without storage")
 async def test_stopped_instance_storage_cost(tmp_path: Path) -> None:
     # A large disk makes storage a visible part of the bill while the outbid instance waits
     # stopped for its host (resume_wait_s) before the job migrates.
