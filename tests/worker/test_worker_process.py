@@ -162,7 +162,12 @@ def test_keeps_last_three_checkpoints(tmp_path: Path) -> None:
 
     assert worker.process.returncode == protocol.EXIT_OK, worker.output()
     steps = [item.step for item in asyncio.run(list_checkpoints(LocalStorage(store)))]
-    assert steps == [240, 220, 200]
+    # A checkpoint still waiting for its upload is superseded by the next one, so on a busy
+    # machine 200 or 220 may never be written. The newest three that were written are kept.
+    assert len(steps) == 3
+    assert steps[0] == 240
+    assert steps == sorted(steps, reverse=True)
+    assert all(step % 20 == 0 for step in steps)
 
 
 @pytest.mark.parametrize(
