@@ -220,6 +220,15 @@ class WorkerUnreachable(JobEvent):
 
 
 @dataclass(frozen=True)
+class WorkerAbandoned(JobEvent):
+    """The worker stayed silent past the heartbeat timeout and the grace after it while its
+    instance still ran, so its attempt is given up; a PreemptionDetected follows."""
+
+    attempt: int
+    silent_s: float
+
+
+@dataclass(frozen=True)
 class JobCompleted(JobEvent):
     attempt: int
     step: int
@@ -268,6 +277,7 @@ EVENT_TYPES: dict[str, type[JobEvent]] = {
         ProvisioningFailed, RecoveryDeferred, WorkerStarted, JobResumed, ProgressReported,
         CheckpointStarted, CheckpointSaved, PreemptionDetected, InstanceDestroyRequested,
         InstanceDestroyed, InstanceDestroyFailed, CostAccrued, WorkerStalled, WorkerUnreachable,
+        WorkerAbandoned,
         JobCompleted, JobFailed, CancelRequested, StopRequested, BudgetAlert, JobCancelled,
         StrayDestroyRequested, StrayDestroyed, StrayDestroyFailed,
     )

@@ -83,6 +83,7 @@ NON_TRANSITION_EVENTS = frozenset(
         "StopRequested",
         "WorkerStalled",
         "WorkerUnreachable",
+        "WorkerAbandoned",
         "BudgetAlert",
         "CheckpointSaved",  # also recorded outside checkpointing, when the start was not seen
     }

@@ -12,7 +12,6 @@ from gpujobs.projections import CREATED, DESTROY_REQUESTED, LIVE_ATTEMPT_STATUSE
 from gpujobs.states import TERMINAL_VALUES, JobState
 from gpujobs.supervisor import instances as inst
 from gpujobs.supervisor import provision, recovery, watch
-from gpujobs.supervisor.recovery import PREEMPTION_GRACE_MARGIN_S
 from gpujobs.supervisor.state import AttemptRuntime, JobTable
 from gpujobs.vast.records import Instance
 
@@ -184,8 +183,7 @@ async def request_stop(sup: Supervisor, job_id: str, reason: str) -> None:
     job = sup.table.jobs[job_id]
     if job["stop_reason"] or JobState(job["state"]).is_terminal:
         return
-    if await sup.append(job_id, [ev.StopRequested(reason, int(job["attempt"]))]):
-        sup.table.runtime_for(job_id).preempted_at = time.time()
+    await sup.append(job_id, [ev.StopRequested(reason, int(job["attempt"]))])
 
 
 async def _stop(sup: Supervisor, job_id: str, instance: Instance | None,
@@ -201,8 +199,8 @@ async def _stop(sup: Supervisor, job_id: str, instance: Instance | None,
         if instance is not None and instance.actual_status == "running" and not (
             stopped and report.checkpointing_step is None
         ):
-            grace_s = float(job["spec"].get("grace_period_s", 10.0)) + PREEMPTION_GRACE_MARGIN_S
-            if time.time() - (runtime.preempted_at or time.time()) < grace_s:
+            # The grace counts from the StopRequested event, so it also ends after a restart.
+            if not recovery.grace_over(job, runtime):
                 return
         await inst.request_destroy(sup, job_id, row, f"stopped: {job['stop_reason']}")
         return

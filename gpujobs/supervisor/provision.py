@@ -72,12 +72,12 @@ async def provision_next(sup: Supervisor, job_id: str,
     profile = Profile.from_dict(job["profile"])
     blocked = sup.limits.blocked(job["team"], sup.live_counts.total, sup.live_counts.by_team)
     if blocked is not None:
-        runtime.wait_reason = blocked
+        await _wait(sup, job_id, blocked)
         return
     ranked = await _ranked_offers(sup, profile, offers_cache)
     if ranked is None:
         runtime.backoff_until = time.time() + 10.0
-        runtime.wait_reason = "offer search failed; retrying"
+        await _wait(sup, job_id, "offer search failed; retrying")
         return
     choice = _first_free(sup, ranked, _failed_hosts(sup, job_id))
     if choice is None:
@@ -91,6 +91,7 @@ async def provision_next(sup: Supervisor, job_id: str,
     sup.taken_offer_ids.add(choice.offer.id)
     sup.live_counts.add(job["team"])
     runtime.wait_reason = None
+    runtime.start_attempt()
     await inst.create_instance(sup, job_id, choice)
 
 
@@ -142,10 +143,16 @@ async def _no_offer(sup: Supervisor, job_id: str, profile: Profile) -> None:
     reason = (f"no offer fits profile {profile.name} "
               f"({'/'.join(profile.gpu_names)} x{profile.num_gpus}, <= ${profile.max_dph}/h, "
               f"reliability >= {profile.reliability_min})")
+    runtime.backoff_until = time.time() + min(60.0, max(sup.settings.tick_s * 2, 5.0))
+    await _wait(sup, job_id, reason)
+
+
+async def _wait(sup: Supervisor, job_id: str, reason: str) -> None:
+    """Record why the job waits; a preempted job goes back to queued, where status shows it."""
+    runtime = sup.table.runtime_for(job_id)
     if runtime.wait_reason != reason:
         log.info("job %s waits: %s", job_id, reason)
     runtime.wait_reason = reason
-    runtime.backoff_until = time.time() + min(60.0, max(sup.settings.tick_s * 2, 5.0))
     job = sup.table.jobs[job_id]
     if JobState(job["state"]) is S.PREEMPTED:
         await sup.append(job_id, [ev.RecoveryDeferred(int(job["attempt"]), reason)])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpujobs.offers import RankedOffer, outbid_action
 from gpujobs.profiles import Profile
 from gpujobs.projections import CREATED, DESTROY_REQUESTED, REQUESTED
 from gpujobs.supervisor import instances as inst
 from gpujobs.supervisor import provision
+from gpujobs.supervisor.state import JobRuntime
 from gpujobs.vast import errors as vast_errors
 from gpujobs.vast.records import Instance
 
@@ -22,6 +23,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREEMPTION_GRACE_MARGIN_S = 5.0
+
+
+def waited_s(runtime: JobRuntime) -> float:
+    """Seconds since the job's current wait began; a wait with no known start begins now."""
+    now = time.time()
+    if runtime.preempted_at is None:
+        runtime.preempted_at = now
+    return now - runtime.preempted_at
+
+
+def grace_over(job: dict[str, Any], runtime: JobRuntime) -> bool:
+    """True once the worker has had its grace period, and a margin, for a last checkpoint."""
+    grace_s = float(job["spec"].get("grace_period_s", 10.0)) + PREEMPTION_GRACE_MARGIN_S
+    return waited_s(runtime) >= grace_s
 
 
 async def _wait_for_same_host(sup: Supervisor, job_id: str, instance: Instance | None) -> bool:
@@ -37,8 +52,7 @@ async def _wait_for_same_host(sup: Supervisor, job_id: str, instance: Instance |
     if not (instance.is_outbid or job["reason"] in ("outbid", "sigterm")):
         return False  # lost for another reason (offline, exited): no point waiting
     runtime = sup.table.runtime_for(job_id)
-    waited_s = time.time() - (runtime.preempted_at or time.time())
-    if waited_s > profile.resume_wait_s:
+    if waited_s(runtime) > profile.resume_wait_s:
         log.info("job %s: instance %d did not resume within %.0f s; migrating", job_id,
                  instance.id, profile.resume_wait_s)
         return False
@@ -63,7 +77,6 @@ async def _rebid(sup: Supervisor, job_id: str, profile: Profile, instance: Insta
              price)
 
 
-
 async def recover(sup: Supervisor, job_id: str, instance: Instance | None,
                    found: InstanceView | None,
                    offers_cache: dict[str, deque[RankedOffer]]) -> None:
@@ -77,11 +90,7 @@ async def recover(sup: Supervisor, job_id: str, instance: Instance | None,
             return
         if instance is not None and instance.actual_status in ("running", "loading"):
             # The worker may still be writing its emergency checkpoint; let it finish.
-            waited_s = time.time() - (runtime.preempted_at or time.time())
-            grace_s = float(job["spec"].get("grace_period_s", 10.0)) + PREEMPTION_GRACE_MARGIN_S
-            if runtime.preempted_at is None:
-                runtime.preempted_at = time.time()
-            if waited_s < grace_s:
+            if not grace_over(job, runtime):
                 return
         await inst.request_destroy(sup, job_id, row, f"preempted: {job['reason']}")
         return

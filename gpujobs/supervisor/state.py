@@ -2,7 +2,8 @@
 
 Rows here are exactly what the projection holds, because both come from the same fold
 functions. Runtime facts (the last report, when progress was last seen) are not journaled;
-after a restart they start empty and fill again within one heartbeat interval.
+after a restart they start empty and fill again within one heartbeat interval. The start of a
+wait with a deadline is the exception: it is rebuilt from the event that began the wait.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from journal import EventStore, RecordedEvent
 from gpujobs.projections import (
     ATTEMPT_COLUMNS, JOB_COLUMNS, LIVE_ATTEMPT_STATUSES, decode_row, fold_attempt, fold_job,
 )
-from gpujobs.states import TERMINAL_STATES, JobState
+from gpujobs.states import TERMINAL_STATES, TERMINAL_VALUES, JobState
 from worker.protocol import Report
 
 transitions_log = logging.getLogger("gpujobs.transitions")
+
+# Events that begin a wait with a deadline: the emergency-checkpoint grace, and for an outbid
+# instance the wait for the same host to resume it.
+WAIT_START_EVENTS = ("PreemptionDetected", "StopRequested")
 
 
 @dataclass
@@ -40,6 +45,7 @@ class AttemptRuntime:
     status_msg: str | None = None  # last status message seen, to tell a slow load from a stuck one
     status_changed_at: float = field(default_factory=time.time)
     rebid_sent: bool = False
+    running_since: float | None = None  # first tick that saw the instance running
 
 
 @dataclass
@@ -51,11 +57,23 @@ class JobRuntime:
     max_step: int = -1
     unreachable_recorded: bool = False
     stalled_recorded: bool = False
+    # When the current wait began: the recorded_at of the job's last PreemptionDetected or
+    # StopRequested. The emergency-checkpoint grace and the wait for the same host count from it.
     preempted_at: float | None = None
     backoff_until: float = 0.0
     wait_reason: str | None = None
     mailbox_sent_at: float = 0.0  # sent_at of the last mailbox report handled
     attempts: dict[int, AttemptRuntime] = field(default_factory=dict)
+
+    def start_attempt(self) -> None:
+        """Forget the previous attempt's reports, so the new worker's timeouts count afresh."""
+        now = time.time()
+        self.last_report = None
+        self.last_report_at = now
+        self.progress_at = now
+        self.max_step = -1
+        self.unreachable_recorded = False
+        self.stalled_recorded = False
 
     def attempt(self, number: int) -> AttemptRuntime:
         state = self.attempts.get(number)
@@ -97,6 +115,26 @@ class JobTable:
         for values in attempt_rows:
             row = decode_row(ATTEMPT_COLUMNS, tuple(values))
             self.attempts.setdefault(row["job_id"], {})[row["attempt"]] = row
+        await self._load_wait_starts()
+
+    async def _load_wait_starts(self) -> None:
+        """Rebuild when each preempted or stopping job's wait began, from the journal.
+
+        Without it a restart would restart every wait, and a job waiting for its instance to
+        resume on the same host would wait again in full, its stopped instance billing storage.
+        """
+        waiting = {job_id for job_id, job in self.jobs.items()
+                   if job["state"] == JobState.PREEMPTED.value
+                   or (job["stop_reason"] and job["state"] not in TERMINAL_VALUES)}
+        if not waiting:
+            return
+        rows = await self.store.query(
+            "SELECT stream, MAX(recorded_at) FROM events WHERE type IN (?, ?) GROUP BY stream",
+            WAIT_START_EVENTS,
+        )
+        for stream, started_at in rows:
+            if stream in waiting and started_at is not None:
+                self.runtime_for(stream).preempted_at = float(started_at)
 
     async def catch_up(self) -> list[RecordedEvent]:
         """Fold every event appended since the last call, by anyone."""
@@ -121,6 +159,8 @@ class JobTable:
             job = self._share_settings(job)
         self.jobs[event.stream] = job
         runtime = self.runtime_for(event.stream)
+        if event.type in WAIT_START_EVENTS:
+            runtime.preempted_at = event.recorded_at
         if event.type == "ProvisioningFailed":
             retry_at = event.recorded_at + float(event.data.get("retry_after_s") or 0.0)
             runtime.backoff_until = max(runtime.backoff_until, retry_at)
