@@ -67,6 +67,10 @@ def demo(
     typer.echo(f"job {summary['job_id']}: {summary['state']} after {summary['attempts']} attempts"
                f" and {summary['preemptions']} preemption")
     typer.echo(f"  states visited: {' -> '.join(summary['states_visited'])}")
+    last = summary["last_checkpoint_step_before_preemption"]
+    if last is not None and last > summary["preempted_at_step"]:
+        typer.echo(f"  preempted at step {summary['preempted_at_step']}; the worker saved an "
+                   f"emergency checkpoint at step {last} within its grace period")
     typer.echo(f"  last durable checkpoint before the preemption: step "
                f"{summary['last_checkpoint_step_before_preemption']}; resumed from step "
                f"{summary['resumed_from_step']}")

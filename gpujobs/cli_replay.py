@@ -45,10 +45,11 @@ async def _replay_one(settings: Settings, job_id: str, at: float | None) -> Any:
 def _print_replay(result: Any) -> None:
     console = Console()
     when = f" as of {_iso(result.as_of)}" if result.as_of is not None else ""
+    checkpoint = result.last_checkpoint_step
     console.print(f"job {result.job_id}{when}: [bold]{result.state}[/bold], "
-                  f"{result.attempts} attempts, {result.preemptions} preemptions, "
-                  f"cost ${result.cost_usd:.6f}, last checkpoint step "
-                  f"{result.last_checkpoint_step}")
+                  f"{_count(result.attempts, 'attempt')}, "
+                  f"{_count(result.preemptions, 'preemption')}, cost ${result.cost_usd:.6f}, "
+                  f"last checkpoint step {'none' if checkpoint is None else checkpoint}")
     table = Table("time (UTC)", "attempt", "from", "to", "event")
     for t in result.transitions:
         table.add_row(_iso(t["at"]), str(t["attempt"]), t["from"], t["to"], t["event"])
@@ -73,6 +74,10 @@ async def _replay_all(settings: Settings, check: bool, json_output: bool) -> Non
                        f"replayed {d.replayed!r}")
     if check and differences:
         raise typer.Exit(1)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _iso(epoch: float | None) -> str:

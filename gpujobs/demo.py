@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -155,7 +156,8 @@ async def _summary(settings: Settings, emulator: Emulator, supervisor: Superviso
     before = [e.data["step"] for e in events
               if e.type == "CheckpointSaved" and e.data["attempt"] == 1]
     job = supervisor.table.jobs[job_id]
-    command = f"GPUJOBS_HOME={shlex.quote(str(settings.home))} gpujobs replay --job {job_id}"
+    command = (f"GPUJOBS_HOME={shlex.quote(str(settings.home))} {shlex.quote(gpujobs_command())} "
+               f"replay --job {job_id}")
     return {
         "job_id": job_id,
         "state": replay.state,
@@ -172,6 +174,15 @@ async def _summary(settings: Settings, emulator: Emulator, supervisor: Superviso
         "home": str(settings.home),
         "replay_command": command,
     }
+
+
+def gpujobs_command() -> str:
+    """Return how to run `gpujobs` from a shell: the bare name if PATH finds this one."""
+    beside = Path(sys.executable).with_name("gpujobs")
+    on_path = shutil.which("gpujobs")
+    if beside.is_file() and (on_path is None or Path(on_path).resolve() != beside.resolve()):
+        return str(beside)
+    return "gpujobs"
 
 
 def print_transitions(stream: Any = sys.stdout) -> logging.Handler:

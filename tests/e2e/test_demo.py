@@ -44,6 +44,7 @@ def test_demo_prints_transitions(tmp_path: Path) -> None:
     """`gpujobs demo` without GPUJOBS_HOME: names its new folder and prints every transition."""
     env = {key: value for key, value in os.environ.items() if key != "GPUJOBS_HOME"}
     env["TMPDIR"] = str(tmp_path)
+    env["PATH"] = "/usr/bin:/bin"  # as after `make demo`: the virtual environment is not on PATH
     done = subprocess.run(
         [*GPUJOBS, "demo", "--step-delay-s", "0.01"],
         env=env, capture_output=True, text=True, timeout=280,
@@ -73,11 +74,10 @@ def test_demo_prints_transitions(tmp_path: Path) -> None:
 
     # The printed replay command works after the demo has exited.
     command = re.search(r"replay it: (.+)$", done.stdout, re.M).group(1)
-    assert command == f"GPUJOBS_HOME={home} gpujobs replay --job {transitions[0]['job']}"
-    replay_env = dict(env, GPUJOBS_HOME=str(home))
+    assert command.startswith(f"GPUJOBS_HOME={home} ")
+    assert command.endswith(f"gpujobs replay --job {transitions[0]['job']}")
     replayed = subprocess.run(
-        [*GPUJOBS, "replay", "--job", transitions[0]["job"], "--json"],
-        env=replay_env, capture_output=True, text=True, timeout=60,
+        f"{command} --json", shell=True, env=env, capture_output=True, text=True, timeout=60,
     )
     assert replayed.returncode == 0, replayed.stderr
     replay = json.loads(replayed.stdout)
@@ -86,6 +86,7 @@ def test_demo_prints_transitions(tmp_path: Path) -> None:
         (t["before"], t["after"]) for t in transitions
     ]
     assert verify_file(home / "journal.db").ok
+    replay_env = dict(env, GPUJOBS_HOME=str(home))
     checked = subprocess.run([*GPUJOBS, "replay", "--all", "--check"], env=replay_env,
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -82,7 +82,7 @@ def test_replay_at_before_first_event(home):
 def test_replay_table_lists_transitions(home):
     result = invoke("replay", "--job", "job-a")
     assert result.exit_code == 0, result.output
-    assert "job job-a: done, 1 attempts" in result.stdout
+    assert "job job-a: done, 1 attempt, 0 preemptions" in result.stdout
     for state in ("queued", "provisioning", "running", "checkpointing", "done"):
         assert state in result.stdout
 
