@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from gpujobs.errors import ConfigError, GpujobsError
 from gpujobs.settings import Settings, load_settings
@@ -127,8 +128,15 @@ def status(
     if json_output:
         _print_json([j.to_dict() for j in jobs])
         return
-    table = Table("job", "state", "attempt", "profile", "team/project", "step", "checkpoint",
-                  "preemptions", "cost $", "reason")
+    # Ids, states and figures never wrap or shrink, so a narrow terminal squeezes the text
+    # columns instead; the borderless box leaves them more room.
+    table = Table(Column("job", no_wrap=True, min_width=max((len(j.job_id) for j in jobs),
+                                                          default=3)),
+                  Column("state", no_wrap=True), Column("attempt", no_wrap=True),
+                  "profile", "team/project", Column("step", no_wrap=True),
+                  Column("checkpoint", no_wrap=True), Column("preemptions", no_wrap=True),
+                  Column("cost $", no_wrap=True), Column("reason", ratio=1),
+                  box=box.SIMPLE_HEAD, pad_edge=False)
     for j in jobs:
         state = j.state if j.queue_position is None else f"{j.state} #{j.queue_position}"
         table.add_row(j.job_id, state, str(j.attempt), j.profile, f"{j.team}/{j.project}",

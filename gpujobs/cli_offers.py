@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from gpujobs.offers import RankedOffer, Rejected, load_failed_hosts, rank_offers
 from gpujobs.profiles import Profile, environment_from, get_profile, load_profiles
@@ -100,7 +100,8 @@ def offers(
 
 
 def print_listing(listing: dict[str, Any]) -> None:
-    table = Table("#", "offer", "host", "gpu", "$/h", "dlperf", "reliability", "value", "why",
+    table = Table("#", Column("offer", no_wrap=True), Column("host", no_wrap=True), "gpu",
+                  "$/h", "dlperf", "reliability", "value", Column("why", ratio=1),
                   title=f"{listing['fitting']} of {listing['searched']} offers fit profile "
                         f"{listing['profile']['name']}")
     for row in listing["ranked"]:
@@ -109,7 +110,8 @@ def print_listing(listing: dict[str, Any]) -> None:
                       _num(row["dlperf"]), _num(row["reliability"], 3), _num(row["score"]),
                       row["reason"])
     _console().print(table)
-    rejected = Table("offer", "host", "gpu", "dph_total", "reason",
+    rejected = Table(Column("offer", no_wrap=True), Column("host", no_wrap=True), "gpu",
+                     "dph_total", "reason",
                      title=f"{listing['rejected_total']} rejected")
     for row in listing["rejected"]:
         rejected.add_row(str(row["offer_id"]), str(row["host_id"]),
