@@ -108,7 +108,13 @@ def _print_reconcile(rows: list[ReportRow], by: str, checked: list[ReconcileRow]
         status = "ok"
         if not row.matches:
             status = "live: journal lags" if row.live else "MISMATCH"
+            if not row.live and not row.settled:
+                status = "MISMATCH: estimate, not settled yet"
         charged = "-" if row.charged_usd is None else f"{row.charged_usd:.6f}"
         table.add_row(str(row.instance_id), row.job_id or "-", str(row.attempt or "-"),
                       f"{row.journal_usd:.6f}", charged, f"{row.diff_usd:+.6f}", status)
     _console().print(table)
+    if any(not (row.matches or row.live or row.settled) for row in checked):
+        typer.echo("The supervisor settles each destroyed instance against the charges "
+                   "(supervise --settle-delay-s, 300 s by default); until then the journal "
+                   "shows its own estimate.")

@@ -78,6 +78,7 @@ class _Attempt:
     segments: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     billed_through: float | None = None
     settlement_usd: float = 0.0  # the provider's charge less the journal's estimate
+    settled: bool = False  # a CostAccrued with settled_usd was recorded for this instance
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class AttemptCost:
     billed_s: float  # billed seconds, as the CostAccrued events state them
     cost_usd: float
     by_category: dict[str, float]
+    settled: bool = False  # cost_usd is the provider's charge, not the journal's estimate
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ def _fold(attempts: dict[int, _Attempt], event: EventLike, stopping: bool) -> No
         row.durable_step, row.durable_saved_at = int(data["step"]), at
     elif kind == "CostAccrued" and data.get("settled_usd") is not None:
         row.settlement_usd += float(data["amount_usd"])
+        row.settled = True
     elif kind == "CostAccrued":
         _add_segment(row, data)
     elif kind == "InstanceDestroyed":
@@ -264,7 +267,7 @@ def _attempt_cost(job_id: str, row: _Attempt, pieces: list[CostPiece]) -> Attemp
         gpu_name=row.gpu_name, dph_total=row.dph_total, created_at=row.created_at,
         destroyed_at=row.destroyed_at, billed_s=billed_s,
         cost_usd=sum(segment[2] for segment in row.segments) + row.settlement_usd,
-        by_category=by_category,
+        by_category=by_category, settled=row.settled,
     )
 
 

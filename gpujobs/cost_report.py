@@ -174,6 +174,9 @@ class ReconcileRow:
     journal_usd: float
     charged_usd: float | None  # None: the API has no charge for this instance
     live: bool  # not destroyed yet: the journal lags by the time since it last billed
+    # False: destroyed, but the supervisor has not settled it against the charges yet, so
+    # journal_usd is its own estimate.
+    settled: bool = True
 
     @property
     def diff_usd(self) -> float:
@@ -229,6 +232,7 @@ async def reconcile(costs: list[JobCost], client: Any, since: float | None = Non
             rows.append(ReconcileRow(
                 int(attempt.instance_id), job.job_id, attempt.attempt, attempt.cost_usd,
                 charged.pop(int(attempt.instance_id), None), attempt.destroyed_at is None,
+                attempt.settled,
             ))
     rows.extend(ReconcileRow(i, None, None, 0.0, usd, False) for i, usd in charged.items())
     return rows

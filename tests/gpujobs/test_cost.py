@@ -142,6 +142,14 @@ def test_settlement_scales_the_split() -> None:
     assert first.by_category[LOST] == pytest.approx(0.036)
     assert first.by_category[IDLE] == pytest.approx(0.024)
     assert cost.attempts[1].cost_usd == pytest.approx(0.044)
+    assert first.settled is True
+    assert cost.attempts[1].settled is False
+
+
+def test_settlement_of_exact_estimate_counts() -> None:
+    first = job_cost("j", settled(history(), 1, 11, 0.11, 0.11, 1120)).attempts[0]
+    assert first.cost_usd == pytest.approx(0.11)
+    assert first.settled is True
 
 
 def test_settlement_without_estimate_is_idle() -> None:

@@ -312,7 +312,8 @@ async def test_command_reconcile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert mismatched.exit_code == 1, mismatched.output
     line = next(line for line in mismatched.stdout.splitlines() if str(instance_id) in line)
     cells = [cell.strip() for cell in line.strip("│ ").split("│")]
-    assert cells[-1] == "MISMATCH"
+    assert cells[-1] == "MISMATCH: estimate, not settled yet"
+    assert "settles each destroyed instance against the charges" in mismatched.stdout
     journal, charged, diff = (float(cell) for cell in cells[3:6])
     assert journal == pytest.approx(charged_usd * 0.5, abs=1e-6)
     assert charged == pytest.approx(charged_usd, rel=0.01)
