@@ -58,8 +58,8 @@ async def watch_provisioning(sup: Supervisor, job_id: str, instance: Instance | 
         return
     if row["status"] != CREATED or found is None:
         return
-    if instance is None:
-        return  # reconcile records it destroyed once the list confirms it is gone
+    if instance is None and not found.complete:
+        return  # no finished sweep has listed it yet
     profile = Profile.from_dict(job["profile"])
     listed = _loss_reason(instance)
     if listed is not None:
