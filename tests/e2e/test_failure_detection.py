@@ -17,8 +17,9 @@ import pytest
 
 from gpujobs.jobs import list_jobs
 from gpujobs.settings import load_settings
-from gpujobs.supervisor import watch
+from gpujobs.supervisor import recovery, watch
 from tests.e2e.harness import Stack, live_stack
+from tests.e2e.test_same_host_resume import start_new_supervisor, stop_supervisor
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -271,3 +272,40 @@ async def test_recovery_held_by_limit_is_queued(tmp_path: Path, monkeypatch) -> 
         assert done_low["state"] == "done"
         assert done_low["attempt"] == 2
         assert done_high["state"] == "done"
+
+
+async def test_stop_grace_holds_across_restart(tmp_path: Path) -> None:
+    """A stop whose worker never answers ends at the grace, counted from before a restart."""
+    async with live_stack(tmp_path / "home") as stack:
+        stack.start_loop()
+        job_id = await stack.submit(total_steps=400, step_delay_s=0.01, grace_period_s=1.0)
+        instance_id = await running_with_checkpoint(stack, job_id)
+        os.killpg(worker_group(stack, instance_id), signal.SIGSTOP)  # it never sees the stop
+        await stack.supervisor.stop_job(job_id, "max duration reached")
+        await stop_supervisor(stack)
+        await asyncio.sleep(1.0 + recovery.PREEMPTION_GRACE_MARGIN_S + 1.0)
+        await start_new_supervisor(stack)
+        try:
+            requested = [e for e in await stack.supervisor.store.read_stream(job_id)
+                         if e.type == "StopRequested"]
+            rebuilt_at = stack.supervisor.table.runtime_for(job_id).preempted_at
+
+            # The grace ran out while the supervisor was down: one tick destroys the instance.
+            await stack.supervisor.tick()
+            destroys = [e.data for e in await stack.supervisor.store.read_stream(job_id)
+                        if e.type == "InstanceDestroyRequested"]
+            stack.start_loop()
+            job = await stack.wait_settled(job_id)
+        finally:
+            await stop_supervisor(stack)
+
+        assert len(requested) == 1
+        assert rebuilt_at == requested[0].recorded_at  # the grace's start, from the journal
+        assert len(destroys) == 1
+        assert destroys[0]["instance_id"] == instance_id
+        assert destroys[0]["reason"] == "stopped: max duration reached"
+        assert job["state"] == "failed"
+        assert job["reason"] == "max duration reached"
+        ledger = stack.emulator.ledger()
+        assert len(ledger) == 1
+        assert ledger[0]["destroyed_at"] is not None
