@@ -216,7 +216,8 @@ async def test_bad_sweep_recovers_nothing(tmp_path: Path, fault: str) -> None:
 
         assert altered
         assert set(altered) == {instance_id}
-        assert shown()
+        # One show call settled it: the healthy instance went back into the supervisor's view.
+        assert stack.emulator.request_count(SHOW_ENDPOINT) - target["shows_before"] == 1
         kinds = types_of(await attempt_events(stack, job_id, 1))
         assert "PreemptionDetected" not in kinds
         assert job["state"] == "done"
@@ -235,7 +236,7 @@ async def test_offline_instance_is_recovered(tmp_path: Path) -> None:
 
         job = await stack.wait_settled(job_id, timeout_s=180)
 
-        assert stack.emulator.request_count(SHOW_ENDPOINT) > shows_before
+        assert stack.emulator.request_count(SHOW_ENDPOINT) - shows_before == 1
         preemption = dict(await attempt_events(stack, job_id, 1))["PreemptionDetected"]
         assert preemption["reason"] == "offline"
         assert preemption["instance_id"] == instance_id
@@ -275,12 +276,12 @@ async def test_recovery_held_by_limit_is_queued(tmp_path: Path, monkeypatch) -> 
 
 
 async def test_stop_grace_holds_across_restart(tmp_path: Path) -> None:
-    """A stop whose worker never answers ends at the grace, counted from before a restart."""
+    """A stop whose worker never responds ends at the grace, counted from before a restart."""
     async with live_stack(tmp_path / "home") as stack:
         stack.start_loop()
         job_id = await stack.submit(total_steps=400, step_delay_s=0.01, grace_period_s=1.0)
         instance_id = await running_with_checkpoint(stack, job_id)
-        os.killpg(worker_group(stack, instance_id), signal.SIGSTOP)  # it never sees the stop
+        os.killpg(worker_group(stack, instance_id), signal.SIGSTOP)  # it never reads the stop request
         await stack.supervisor.stop_job(job_id, "max duration reached")
         await stop_supervisor(stack)
         await asyncio.sleep(1.0 + recovery.PREEMPTION_GRACE_MARGIN_S + 1.0)
