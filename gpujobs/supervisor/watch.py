@@ -165,9 +165,12 @@ async def _check_hung(sup: Supervisor, job_id: str, instance: Instance | None) -
     """Restart a worker that reports but makes no progress; the restart counts as an error."""
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
-    stalled_s = time.time() - runtime.progress_at
+    now = time.time()
+    stalled_s = now - runtime.progress_at
     if stalled_s <= sup.settings.stall_timeout_s:
         return
+    if now - runtime.last_report_at > sup.settings.heartbeat_timeout_s:
+        return  # silent, not hung: the unreachable policy decides
     attempt, step = int(job["attempt"]), int(job["step"] or 0)
     log.warning("job %s attempt %d: hung at step %d for %.0f s; restarting it", job_id, attempt,
                 step, stalled_s)
