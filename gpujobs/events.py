@@ -221,8 +221,10 @@ class WorkerUnreachable(JobEvent):
 
 @dataclass(frozen=True)
 class WorkerAbandoned(JobEvent):
-    """The worker stayed silent past the heartbeat timeout and the grace after it while its
-    instance still ran, so its attempt is given up; a PreemptionDetected follows."""
+    """A worker stayed silent past the heartbeat timeout and the grace while its instance ran.
+
+    Its attempt is given up, and a PreemptionDetected follows in the same append.
+    """
 
     attempt: int
     silent_s: float
