@@ -89,7 +89,7 @@ def submit(
     name: str = typer.Option("digits", help="Job name, used as the prefix of its id."),
     team: str = typer.Option("default", help="Team the job is billed to."),
     project: str = typer.Option("default", help="Project the job is billed to."),
-    total_steps: int = typer.Option(600, help="Training steps."),
+    total_steps: int = typer.Option(600, min=1, help="Training steps."),
     env: Optional[str] = typer.Option(
         None, "--env", help="Environment whose profile overrides apply (default: GPUJOBS_ENV)."),
     json_output: bool = typer.Option(False, "--json"),
@@ -265,17 +265,30 @@ def main() -> None:
         sys.exit(code)
 
 
+def _click_exception_types() -> tuple[type[Exception], ...]:
+    """Return the ClickException classes that the parser may raise.
+
+    typer 0.29 parses with its own copy of click (typer._click), whose exceptions do not derive
+    from the click package's, so both are checked. The copy's class is found through a public
+    typer class rather than by importing the private module.
+    """
+    import click
+
+    vendored = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    return (click.ClickException, vendored)
+
+
 def _is_expected(exc: Exception) -> bool:
     import click
 
     from journal import JournalError
     from gpujobs.vast.errors import VastError
 
-    if isinstance(exc, click.exceptions.Exit):
+    if isinstance(exc, (click.exceptions.Exit, typer.Exit)):
         sys.exit(exc.exit_code)
-    if isinstance(exc, click.exceptions.Abort):
+    if isinstance(exc, (click.exceptions.Abort, typer.Abort)):
         sys.exit(130)
-    if isinstance(exc, click.ClickException):
+    if isinstance(exc, _click_exception_types()):
         exc.show()
         sys.exit(exc.exit_code)
     return isinstance(exc, (JournalError, VastError))

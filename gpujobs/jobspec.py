@@ -17,6 +17,7 @@ SPEC_KEYS = {
     "checkpoint_every", "keep_checkpoints", "grace_period_s", "step_delay_s", "env",
     "heartbeat_interval_s", "seed",
 }
+MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which the worker uses, takes 0..2**32 - 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -80,7 +81,8 @@ def parse_spec(mapping: Located) -> JobSpec:
                                    maximum=60.0) or 0.0,
         heartbeat_interval_s=fields.number("heartbeat_interval_s", required=False, default=2.0,
                                            minimum=0.05) or 2.0,
-        seed=fields.integer("seed", required=False, default=0) or 0,
+        seed=fields.integer("seed", required=False, default=0, minimum=0,
+                            maximum=MAX_SEED) or 0,
         env=_parse_env(env, mapping),
     )
     fields.reject_unknown(SPEC_KEYS)
@@ -113,6 +115,12 @@ def _parse_env(value: Any, mapping: Located) -> dict[str, str]:
         if not isinstance(item, (str, int, float)) or isinstance(item, bool):
             raise ConfigError(
                 f"job spec: env: {key}: expected a string or number, got {item!r}",
+                path=mapping.path, line=value.line_of(key), key=key,
+            )
+        if "\x00" in str(item):
+            raise ConfigError(
+                f"job spec: env: {key}: contains a NUL character, which no process environment "
+                "can hold; remove it",
                 path=mapping.path, line=value.line_of(key), key=key,
             )
         env[key] = str(item)
