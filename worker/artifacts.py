@@ -8,6 +8,7 @@ from typing import Any
 
 from worker.protocol import COMPLETION_MARKER, FINAL_DIR, CompletionMarker
 from worker.storage import ObjectNotFound, Storage
+from worker.wire import encode_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +19,8 @@ FINAL_METRICS_KEY = f"{FINAL_DIR}/metrics.json"
 async def read_completion_marker(storage: Storage) -> CompletionMarker | None:
     """Return the job's completion marker, or None if the job has not completed.
 
-    An unreadable marker raises ValueError: a marker exists, so the job must not rerun blindly.
+    An unreadable marker raises InvalidCompletionMarker: a marker exists, so the job must not
+    rerun blindly.
     """
     try:
         data = await storage.get_bytes(COMPLETION_MARKER)
@@ -37,7 +39,8 @@ async def write_final_artifacts(
     """Store the final model (unless None), metrics and extra objects (logs), then the marker."""
     if model_bytes is not None:
         await storage.put_bytes(FINAL_MODEL_KEY, model_bytes)
-    await storage.put_bytes(FINAL_METRICS_KEY, json.dumps(metrics, sort_keys=True).encode())
+    metrics_json = json.dumps(encode_metrics(metrics), sort_keys=True, allow_nan=False)
+    await storage.put_bytes(FINAL_METRICS_KEY, metrics_json.encode())
     for key, data in (extra_objects or {}).items():
         await storage.put_bytes(key, data)
     await storage.put_bytes(COMPLETION_MARKER, marker.to_json().encode())

@@ -21,9 +21,11 @@ from worker.protocol import (
     PAYLOAD_NAME,
     CheckpointManifest,
     CheckpointRef,
+    InvalidManifest,
     checkpoint_prefix,
 )
 from worker.storage import ObjectNotFound, Storage, object_uri
+from worker.wire import MAX_WIRE_INT
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +68,28 @@ async def write_checkpoint(
 
 
 async def list_checkpoints(storage: Storage) -> list[StoredCheckpoint]:
-    """Return checkpoint folders, highest step first; the step is parsed as a number."""
+    """Return checkpoint folders, highest step first; the step is parsed as a number.
+
+    A folder whose step is above MAX_WIRE_INT is skipped with a warning, because no report
+    or manifest can carry that step.
+    """
     folders: dict[str, int] = {}
+    rejected: set[str] = set()
     for key in await storage.list(f"{CHECKPOINTS_DIR}/"):
         match = _STEP_FOLDER.match(key)
-        if match:
-            folders[match.group(0).rstrip("/")] = int(match.group(1))
+        if not match:
+            continue
+        folder = match.group(0).rstrip("/")
+        digits = match.group(1).lstrip("0") or "0"
+        if len(digits) > len(str(MAX_WIRE_INT)) or int(digits) > MAX_WIRE_INT:
+            if folder not in rejected:
+                rejected.add(folder)
+                logger.warning(
+                    "skipping checkpoint folder %s: its step is above the maximum %d",
+                    folder[:80], MAX_WIRE_INT,
+                )  # fmt: skip
+            continue
+        folders[folder] = int(digits)
     found = [StoredCheckpoint(step, folder) for folder, step in folders.items()]
     return sorted(found, key=lambda item: (item.step, item.folder), reverse=True)
 
@@ -97,8 +115,9 @@ async def load_latest_checkpoint(
             return await _verify(storage, stored, verify_payload)
         except InvalidCheckpointData as exc:
             logger.warning(
-                "skipping checkpoint at step %d (%s): %s", stored.step, stored.folder, exc
-            )
+                "skipping checkpoint %s/%s at step %d: %s",
+                stored.folder, MANIFEST_NAME, stored.step, exc,
+            )  # fmt: skip
     return None
 
 
@@ -123,7 +142,7 @@ async def _verify(
         raise InvalidCheckpointData("no manifest (the upload did not finish)") from None
     try:
         manifest = CheckpointManifest.from_json(manifest_bytes)
-    except ValueError as exc:
+    except InvalidManifest as exc:
         raise InvalidCheckpointData(str(exc)) from exc
     if manifest.step != stored.step:
         raise InvalidCheckpointData(f"manifest names step {manifest.step}")

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from worker import protocol
 from worker.errors import ConfigError
+from worker.wire import MAX_WIRE_INT
 
 ENV_REPORT_MODE = "GPUJOBS_REPORT_MODE"  # "mailbox" forces reports through the storage
 ENV_CHECKPOINT_DIR = "GPUJOBS_CHECKPOINT_DIR"  # wrapper mode: local folder given to the child
 ENV_DEVICE = "GPUJOBS_DEVICE"  # optional: "cpu" or "cuda"; default cuda when available
 
 T = TypeVar("T")
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d{1,3})$")
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,14 @@ class WorkerConfig:
                 f"invalid {ENV_REPORT_MODE}={config.report_mode!r}: use 'http' or 'mailbox'"
             )
         if config.heartbeat_interval_s <= 0:
-            raise ConfigError(f"{protocol.ENV_HEARTBEAT_INTERVAL_S} must be a positive number")
+            raise ConfigError(
+                f"invalid {protocol.ENV_HEARTBEAT_INTERVAL_S}={config.heartbeat_interval_s:g}: "
+                "must be a positive number of seconds"
+            )
+        if config.device is not None and not _DEVICE.match(config.device):
+            raise ConfigError(
+                f"invalid {ENV_DEVICE}={config.device[:60]!r}: use 'cpu', 'cuda' or 'cuda:N'"
+            )
         return config
 
 
@@ -99,6 +110,10 @@ def _number(
         raise ConfigError(
             f"invalid {name}={raw!r}: expected {'an integer' if kind is int else 'a number'}"
         ) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"invalid {name}={raw!r}: expected a finite number")
     if minimum is not None and value < minimum:  # type: ignore[operator]
         raise ConfigError(f"invalid {name}={raw!r}: must be at least {minimum:g}")
+    if value > MAX_WIRE_INT:  # type: ignore[operator]
+        raise ConfigError(f"invalid {name}={raw!r}: must be at most {MAX_WIRE_INT}")
     return value

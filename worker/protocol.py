@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from worker import wire
 
 PROTOCOL_VERSION = 1
 
@@ -73,6 +76,26 @@ def shard_output_key(shard: int) -> str:
     return f"{OUTPUTS_DIR}/shard-{shard}.json"
 
 
+# Size limits of the documents; real ones are a few hundred bytes.
+MAX_REPORT_BYTES = 64 * 1024
+MAX_MANIFEST_BYTES = 16 * 1024
+MAX_MARKER_BYTES = 64 * 1024
+MAX_URI_CHARS = 4096
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class InvalidReport(wire.InvalidDocument):
+    """A report body that is not a valid report; the supervisor answers it with HTTP 400."""
+
+
+class InvalidManifest(wire.InvalidDocument):
+    """A checkpoint manifest that is not valid; its checkpoint is skipped."""
+
+
+class InvalidCompletionMarker(wire.InvalidDocument):
+    """A COMPLETED.json that is not a valid completion marker."""
+
+
 class ReportKind(enum.StrEnum):
     """Reason a worker sent a report; every report also carries the full current status."""
 
@@ -95,12 +118,14 @@ class CheckpointRef:
     size_bytes: int
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CheckpointRef:
+    def from_dict(cls, data: Any) -> CheckpointRef:
+        """Parse a checkpoint reference; raises wire.InvalidDocument."""
+        data = wire.require_object(data, "last_checkpoint")
         return cls(
-            step=int(data["step"]),
-            uri=str(data["uri"]),
-            sha256=str(data["sha256"]),
-            size_bytes=int(data["size_bytes"]),
+            step=wire.get_int(data, "step"),
+            uri=wire.get_str(data, "uri", max_chars=MAX_URI_CHARS),
+            sha256=_get_sha256(data),
+            size_bytes=wire.get_int(data, "size_bytes"),
         )
 
 
@@ -124,32 +149,52 @@ class Report:
     protocol_version: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """Encode the report so that from_json accepts it: non-finite metrics become null and
+        an error longer than wire.MAX_TEXT_CHARS is cut."""
+        data = asdict(self)
+        data["metrics"] = wire.encode_metrics(self.metrics)
+        if self.error is not None and len(self.error) > wire.MAX_TEXT_CHARS:
+            data["error"] = self.error[: wire.MAX_TEXT_CHARS - 3] + "..."
+        return json.dumps(data, sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Report:
-        """Parse a report; raises ValueError naming the field that is missing or invalid."""
+    def from_json(cls, text: str | bytes) -> Report:
+        """Parse a report body; raises InvalidReport with a one-line message."""
         try:
-            checkpoint = data.get("last_checkpoint")
-            return cls(
-                job_id=str(data["job_id"]),
-                attempt=int(data["attempt"]),
-                kind=ReportKind(data["kind"]),
-                step=int(data["step"]),
-                total_steps=int(data["total_steps"]),
-                sent_at=float(data["sent_at"]),
-                last_checkpoint=CheckpointRef.from_dict(checkpoint) if checkpoint else None,
-                checkpointing_step=_optional_int(data.get("checkpointing_step")),
-                resumed_from_step=_optional_int(data.get("resumed_from_step")),
-                metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
-                error=data.get("error"),
-                exit_code=_optional_int(data.get("exit_code")),
-                protocol_version=int(data.get("protocol_version", PROTOCOL_VERSION)),
-            )
-        except KeyError as exc:
-            raise ValueError(f"report is missing the field {exc.args[0]!r}") from exc
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"report has an invalid field: {exc}") from exc
+            return cls._parse(wire.load_object(text, MAX_REPORT_BYTES))
+        except wire.InvalidDocument as exc:
+            raise InvalidReport(f"invalid report: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Report:
+        """Parse a decoded report; raises InvalidReport naming the missing or invalid field."""
+        try:
+            return cls._parse(wire.require_object(data, "report"))
+        except wire.InvalidDocument as exc:
+            raise InvalidReport(f"invalid report: {exc}") from None
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any]) -> Report:
+        checkpoint = data.get("last_checkpoint")
+        kind = wire.get_str(data, "kind")
+        if kind not in ReportKind.__members__.values():
+            raise wire.InvalidDocument(f"kind={kind[:60]!r} is not a report kind")
+        error = data.get("error")
+        return cls(
+            job_id=wire.get_str(data, "job_id"),
+            attempt=wire.get_int(data, "attempt"),
+            kind=ReportKind(kind),
+            step=wire.get_int(data, "step"),
+            total_steps=wire.get_int(data, "total_steps"),
+            sent_at=wire.get_float(data, "sent_at"),
+            last_checkpoint=CheckpointRef.from_dict(checkpoint) if checkpoint else None,
+            checkpointing_step=wire.get_optional_int(data, "checkpointing_step"),
+            resumed_from_step=wire.get_optional_int(data, "resumed_from_step"),
+            metrics=wire.get_metrics(data),
+            error=None if error is None else wire.get_str(data, "error", max_chars=wire.MAX_TEXT_CHARS),
+            exit_code=wire.get_optional_int(data, "exit_code", maximum=255),
+            protocol_version=wire.get_int(data, "protocol_version", PROTOCOL_VERSION),
+        )
 
 
 @dataclass(frozen=True)
@@ -168,19 +213,19 @@ class CheckpointManifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CheckpointManifest:
-        """Parse a manifest; raises ValueError when it is not one."""
+        """Parse a manifest; raises InvalidManifest with a one-line message."""
         try:
-            data = json.loads(text)
+            data = wire.load_object(text, MAX_MANIFEST_BYTES)
             return cls(
-                step=int(data["step"]),
-                sha256=str(data["sha256"]),
-                size_bytes=int(data["size_bytes"]),
-                created_at=float(data["created_at"]),
-                payload=str(data.get("payload", PAYLOAD_NAME)),
-                format_version=int(data.get("format_version", 1)),
+                step=wire.get_int(data, "step"),
+                sha256=_get_sha256(data),
+                size_bytes=wire.get_int(data, "size_bytes"),
+                created_at=wire.get_float(data, "created_at"),
+                payload=_get_file_name(data, "payload", PAYLOAD_NAME),
+                format_version=wire.get_int(data, "format_version", 1),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"invalid checkpoint manifest: {exc}") from exc
+        except wire.InvalidDocument as exc:
+            raise InvalidManifest(f"invalid checkpoint manifest: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -194,22 +239,40 @@ class CompletionMarker:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """Encode the marker as strict JSON; a non-finite metric is written as null."""
+        data = asdict(self)
+        data["metrics"] = wire.encode_metrics(self.metrics)
+        return json.dumps(data, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CompletionMarker:
+        """Parse a marker; raises InvalidCompletionMarker (a ValueError) for every invalid one.
+
+        Null metrics, which to_json writes for non-finite values, are left out of metrics.
+        """
         try:
-            data = json.loads(text)
+            data = wire.load_object(text, MAX_MARKER_BYTES)
             return cls(
-                job_id=str(data["job_id"]),
-                attempt=int(data["attempt"]),
-                step=int(data["step"]),
-                completed_at=float(data["completed_at"]),
-                metrics={str(k): float(v) for k, v in (data.get("metrics") or {}).items()},
+                job_id=wire.get_str(data, "job_id"),
+                attempt=wire.get_int(data, "attempt"),
+                step=wire.get_int(data, "step"),
+                completed_at=wire.get_float(data, "completed_at"),
+                metrics=wire.get_metrics(data),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"invalid completion marker: {exc}") from exc
+        except wire.InvalidDocument as exc:
+            raise InvalidCompletionMarker(f"invalid completion marker: {exc}") from None
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+def _get_sha256(data: dict[str, Any]) -> str:
+    digest = wire.get_str(data, "sha256")
+    if not _SHA256_HEX.match(digest):
+        raise wire.InvalidDocument("sha256 must be 64 lowercase hexadecimal digits")
+    return digest
+
+
+def _get_file_name(data: dict[str, Any], name: str, default: str) -> str:
+    """Return a plain file name: a path such as '../x' could point outside its folder."""
+    value = wire.get_str(data, name, default)
+    if "/" in value or "\\" in value or value in (".", ".."):
+        raise wire.InvalidDocument(f"{name}={value[:60]!r} must be a file name, not a path")
+    return value

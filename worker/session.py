@@ -23,6 +23,7 @@ from worker.preemption import PreemptionHandler
 from worker.protocol import CheckpointRef, CompletionMarker, ReportKind
 from worker.reporter import Reporter, make_transport
 from worker.storage import Storage, StorageError, open_storage, preflight
+from worker.wire import encode_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,18 @@ class WorkerSession:
         self.loop.run(preflight(self.storage))
 
     def completion_marker(self) -> CompletionMarker | None:
-        return self.loop.run(read_completion_marker(self.storage), timeout_s=60)
+        """Return this job's completion marker, or None; a marker of another job is ignored.
+
+        Raises InvalidCompletionMarker when the stored marker cannot be parsed.
+        """
+        marker = self.loop.run(read_completion_marker(self.storage), timeout_s=60)
+        if marker is not None and marker.job_id != self.config.job_id:
+            logger.warning(
+                "ignoring the completion marker in %s: it belongs to job %r, not %r",
+                self.storage.uri, marker.job_id, self.config.job_id,
+            )  # fmt: skip
+            return None
+        return marker
 
     def restore(self, map_location: Any = None) -> tuple[CheckpointRef, dict[str, Any]] | None:
         """Load the latest valid checkpoint; raises BadCheckpoint if it cannot be loaded."""
@@ -99,8 +111,8 @@ class WorkerSession:
     def step(self, step: int, metrics: dict[str, float]) -> None:
         """Record a finished step; no network I/O happens here."""
         self.reporter.update(step=step, metrics=metrics)
-        line = {"step": step, "time": round(time.time(), 3), **metrics}
-        self.metrics_lines.append(json.dumps(line, sort_keys=True))
+        line = {"step": step, "time": round(time.time(), 3), **encode_metrics(metrics)}
+        self.metrics_lines.append(json.dumps(line, sort_keys=True, allow_nan=False))
 
     def checkpoint_due(self, step: int) -> bool:
         return step % self.config.checkpoint_every == 0 and step < self.config.total_steps

@@ -7,13 +7,12 @@ overwritten before it was read loses nothing but a transition's exact moment.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING
 
 from gpujobs.states import JobState
 from gpujobs.supervisor.reporting import handle_report
-from worker.protocol import MAILBOX_KEY, Report
+from worker.protocol import MAILBOX_KEY, InvalidReport, Report
 from worker.storage import ObjectNotFound, StorageError, open_storage
 
 if TYPE_CHECKING:
@@ -52,8 +51,8 @@ async def _read(sup: Supervisor, job_id: str) -> Report | None:
     finally:
         await storage.close()
     try:
-        report = Report.from_dict(json.loads(data))
-    except (ValueError, json.JSONDecodeError) as exc:
+        report = Report.from_json(data)
+    except InvalidReport as exc:
         log.warning("job %s: the report mailbox holds an invalid report: %s", job_id, exc)
         return None
     if report.job_id != job_id:

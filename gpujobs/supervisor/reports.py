@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import secrets
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from worker.protocol import REPORT_PATH, Report
+from worker.protocol import REPORT_PATH, InvalidReport, Report
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,11 @@ class ReportServer:
             return web.json_response({"ok": False, "error": "invalid token for this job"},
                                      status=401)
         try:
-            report = Report.from_dict(json.loads(await request.text()))
-        except (ValueError, json.JSONDecodeError) as exc:
-            return web.json_response({"ok": False, "error": str(exc)}, status=400)
+            report = Report.from_json(await request.read())
+        except InvalidReport as exc:
+            return _reject(job_id, str(exc))
         if report.job_id != job_id:
-            return web.json_response({"ok": False, "error": "job id in body does not match URL"},
-                                     status=400)
+            return _reject(job_id, f"job id {report.job_id!r} in the body does not match the URL")
         self.reports_received += 1
         outcome = await self.handler(report)
         if outcome == "unknown":
@@ -98,3 +96,9 @@ class ReportServer:
         if outcome == "stop":
             return web.json_response({"ok": True, "stop": True}, status=409)
         return web.json_response({"ok": True})
+
+
+def _reject(job_id: str, error: str) -> web.Response:
+    """Log a report that failed validation and answer it with HTTP 400."""
+    log.warning("rejected a report for job %s: %s", job_id, error)
+    return web.json_response({"ok": False, "error": error}, status=400)

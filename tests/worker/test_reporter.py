@@ -92,7 +92,7 @@ def make_reporter(transport, loop: BackgroundLoop, **options) -> Reporter:
 
 
 REF = CheckpointRef(
-    step=10, uri="file:///x/checkpoints/step-10/payload.pt", sha256="ab", size_bytes=3
+    step=10, uri="file:///x/checkpoints/step-10/payload.pt", sha256="ab" * 32, size_bytes=3
 )
 
 
