@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from journal import EventStore, VersionConflict
+from journal import EventStore, VersionConflict, connect_readonly
 
 from gpujobs import events as ev
 from gpujobs.errors import GpujobsError, JobNotFound
@@ -25,9 +25,30 @@ from gpujobs.states import JobState
 from gpujobs.supervisor.queue import read_queue
 
 
-async def open_journal(settings: Settings) -> EventStore:
-    settings.home.mkdir(parents=True, exist_ok=True)
-    return await EventStore.open(settings.journal_path, projections=[JobsProjection()])
+async def open_journal(settings: Settings, *, read_only: bool = False) -> EventStore:
+    """Open the journal in GPUJOBS_HOME; only a writer creates the folder and the file.
+
+    A read-only open never changes the file, so it works on a journal in a read-only folder.
+    """
+    if not read_only:
+        make_home(settings.home)
+    elif not settings.journal_path.is_file():
+        raise GpujobsError(f"no journal at {settings.journal_path}; submit a job first or check "
+                           "GPUJOBS_HOME")
+    return await EventStore.open(settings.journal_path, projections=[JobsProjection()],
+                                 read_only=read_only)
+
+
+def make_home(home: Path) -> None:
+    """Create the GPUJOBS_HOME folder, or raise a one-line error naming it and the fix."""
+    if home.exists() and not home.is_dir():
+        raise GpujobsError(f"GPUJOBS_HOME={home} is a file, not a folder; point GPUJOBS_HOME "
+                           "to a folder")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GpujobsError(f"cannot create GPUJOBS_HOME={home} ({exc.strerror or exc}); "
+                           "point GPUJOBS_HOME to a writable folder") from exc
 
 
 def profiles_in_effect(settings: Settings) -> dict[str, Profile]:
@@ -116,7 +137,10 @@ class JobStatus:
 
 
 async def list_jobs(settings: Settings, job_id: str | None = None) -> list[JobStatus]:
-    store = await open_journal(settings)
+    """Read the jobs from the journal without writing to it; no journal yet lists no jobs."""
+    if job_id is None and not settings.journal_path.exists():
+        return []
+    store = await open_journal(settings, read_only=True)
     try:
         if job_id is not None:
             rows = [await load_job(store, job_id, settings.journal_path)]
@@ -132,9 +156,11 @@ async def list_jobs(settings: Settings, job_id: str | None = None) -> list[JobSt
 
 
 def _read_queue(path: Path) -> dict[str, tuple[int, str | None]]:
-    conn = sqlite3.connect(path, timeout=30.0)
+    conn = connect_readonly(path)
     try:
         return read_queue(conn)
+    except sqlite3.OperationalError:
+        return {}  # no supervisor has ordered the queue yet, so its table does not exist
     finally:
         conn.close()
 

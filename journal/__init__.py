@@ -17,7 +17,7 @@ from journal.errors import (
     StoreClosed,
     VersionConflict,
 )
-from journal.readonly import run_readonly_query
+from journal.readonly import QueryLimits, connect_readonly, readonly_uri, run_readonly_query
 from journal.records import NewEvent, Projection, RecordedEvent, VerifyResult, WriterStats
 from journal.store import EventStore
 from journal.verify import read_head, verify_file
@@ -31,6 +31,7 @@ __all__ = [
     "JournalLocked",
     "NewEvent",
     "Projection",
+    "QueryLimits",
     "ProjectionFailed",
     "ReadOnlyViolation",
     "RecordedEvent",
@@ -40,6 +41,8 @@ __all__ = [
     "VerifyResult",
     "VersionConflict",
     "WriterStats",
+    "connect_readonly",
+    "readonly_uri",
     "run_readonly_query",
     "read_head",
     "verify_file",

@@ -7,11 +7,32 @@ what lets the error name the statement kind; the other two also stop what it mig
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from journal.errors import CorruptJournal, InvalidQuery, ReadOnlyViolation, sqlite_errors
+from journal.errors import (
+    CorruptJournal,
+    InvalidQuery,
+    JournalError,
+    ReadOnlyViolation,
+    sqlite_errors,
+    translate_sqlite_error,
+)
+
+# SQLite virtual-machine instructions between two checks of a query's deadline.
+_PROGRESS_STEPS = 10_000
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """Bounds of one ad-hoc query: run time in seconds and rows returned (None: no bound)."""
+
+    timeout_s: float | None = None
+    max_rows: int | None = None
 
 _DENIED_ACTIONS: dict[int, str] = {
     sqlite3.SQLITE_INSERT: "INSERT",
@@ -80,46 +101,107 @@ def _pragma_kind(name: str, argument: str | None) -> str | None:
     return None
 
 
-def run_readonly_query(
-    path: str | Path, sql: str, params: Sequence = ()
-) -> tuple[list[str], list[tuple]]:
-    """Run one read-only statement on the journal at `path`; return column names and rows."""
+def readonly_uri(path: str | Path, busy_timeout_s: float = 30.0) -> str:
+    """Return the URI that opens the journal at `path` read-only, even in a read-only folder.
+
+    A read-only connection to a WAL file needs the -shm file. When the folder is not writable
+    and no writer has the file open, SQLite cannot create it, so the file is opened with
+    `immutable=1`: no -wal file exists then, so no commit is waiting outside the main file.
+    """
     if not Path(path).is_file():
-        raise CorruptJournal(f"journal {path} does not exist; check the path")
-    with sqlite_errors(path, busy_timeout_s=30.0):
-        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        raise CorruptJournal(f"journal {path} does not exist; check the path or GPUJOBS_HOME")
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
     try:
-        return _run(conn, path, sql, params)
+        probe = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)
+        try:
+            probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            probe.close()
+    except sqlite3.OperationalError as exc:
+        wal = Path(f"{path}-wal")
+        if wal.exists() or os.access(Path(path).parent, os.W_OK):
+            raise translate_sqlite_error(exc, path, busy_timeout_s) from exc
+        return f"{uri}&immutable=1"
+    except sqlite3.Error as exc:
+        raise translate_sqlite_error(exc, path, busy_timeout_s) from exc
+    return uri
+
+
+def connect_readonly(path: str | Path, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
+    """Open the journal at `path` with a connection that cannot write to it."""
+    uri = readonly_uri(path, busy_timeout_s)
+    with sqlite_errors(path, busy_timeout_s):
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def run_readonly_query(
+    path: str | Path, sql: str, params: Sequence = (), *, limits: QueryLimits | None = None
+) -> tuple[list[str], list[tuple]]:
+    """Run one read-only statement on the journal at `path`; return column names and rows.
+
+    `limits` bounds the statement's run time and the rows it returns; QueryTimedOut and
+    TooManyRows name the limit that was reached.
+    """
+    conn = connect_readonly(path)
+    try:
+        return _run(conn, path, sql, params, limits or QueryLimits())
     finally:
         conn.close()
 
 
 def _run(
-    conn: sqlite3.Connection, path: str | Path, sql: str, params: Sequence
+    conn: sqlite3.Connection, path: str | Path, sql: str, params: Sequence, limits: QueryLimits
 ) -> tuple[list[str], list[tuple]]:
     authorizer = _Authorizer()
-    with sqlite_errors(path, busy_timeout_s=30.0):
-        conn.execute("PRAGMA query_only=ON")
-        conn.set_authorizer(authorizer)
+    conn.set_authorizer(authorizer)
+    deadline = None if limits.timeout_s is None else time.monotonic() + limits.timeout_s
+    if deadline is not None:
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, _PROGRESS_STEPS)
     try:
         cursor = conn.execute(sql, tuple(params))
-        rows = cursor.fetchall()
+        rows = _fetch_rows(cursor, limits.max_rows)
+    except sqlite3.OperationalError as exc:
+        if deadline is not None and time.monotonic() > deadline and "interrupt" in str(exc):
+            raise InvalidQuery(
+                f"query on journal {path} timed out after {limits.timeout_s:g} s and was "
+                "stopped; narrow it with WHERE or LIMIT, or raise --timeout-s"
+            ) from exc
+        raise _classify(authorizer, path, sql, exc) from exc
     except sqlite3.Error as exc:
-        denied = authorizer.denied_kind(sql)
-        if denied is not None:
-            raise ReadOnlyViolation(
-                f"rejected {denied}: audit queries are read-only; "
-                "use SELECT or a PRAGMA that only reads"
-            ) from exc
-        if "readonly" in str(exc).lower() or "read-only" in str(exc).lower():
-            raise ReadOnlyViolation(
-                f"rejected statement: it would write to {path} ({exc}); audit queries are read-only"
-            ) from exc
-        raise _query_error(path, sql, exc) from exc
+        raise _classify(authorizer, path, sql, exc) from exc
     except sqlite3.Warning as exc:
         raise _query_error(path, sql, exc) from exc
     columns = [column[0] for column in cursor.description or ()]
     return columns, rows
+
+
+def _fetch_rows(cursor: sqlite3.Cursor, max_rows: int | None) -> list[tuple]:
+    if max_rows is None:
+        return cursor.fetchall()
+    rows = cursor.fetchmany(max_rows + 1)
+    if len(rows) > max_rows:
+        raise InvalidQuery(
+            f"query returned more than {max_rows} rows; add a LIMIT clause or raise --max-rows"
+        )
+    return rows
+
+
+def _classify(
+    authorizer: _Authorizer, path: str | Path, sql: str, exc: sqlite3.Error
+) -> JournalError:
+    denied = authorizer.denied_kind(sql)
+    if denied is not None:
+        return ReadOnlyViolation(
+            f"rejected {denied}: audit queries are read-only; "
+            "use SELECT or a PRAGMA that only reads"
+        )
+    if "readonly" in str(exc).lower() or "read-only" in str(exc).lower():
+        return ReadOnlyViolation(
+            f"rejected statement: it would write to {path} ({exc}); audit queries are read-only"
+        )
+    return _query_error(path, sql, exc)
 
 
 def _query_error(path: str | Path, sql: str, exc: Exception) -> InvalidQuery:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
-from journal.errors import SchemaTooNew
+from journal.errors import CorruptJournal, JournalError, SchemaTooNew
 
 logger = logging.getLogger(__name__)
 
@@ -86,3 +87,46 @@ def migrate(conn: sqlite3.Connection, path: str | Path, target: int = LATEST_SCH
     if start < target:
         logger.info("journal %s migrated from schema version %d to %d", path, start, target)
     return start
+
+
+def _user_tables(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name"
+    )
+    return [row[0] for row in rows]
+
+
+def reject_foreign_file(conn: sqlite3.Connection, path: str | Path) -> None:
+    """Raise CorruptJournal when `path` has tables but no events table, before anything writes.
+
+    An empty file, or one with no tables, becomes a journal. Any other SQLite database belongs
+    to something else, so it is left unchanged.
+    """
+    tables = _user_tables(conn)
+    if tables and "events" not in tables:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise CorruptJournal(
+            f"{path} is a SQLite database but not a journal (it has the tables {shown} and no "
+            "events table); it was left unchanged: use another path for the journal"
+        )
+
+
+def check_readable(conn: sqlite3.Connection, path: str | Path, tables: Sequence[str]) -> None:
+    """Check, without writing, that `path` is a journal at the latest schema with `tables`."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    existing = set(_user_tables(conn))
+    if "events" not in existing:
+        raise CorruptJournal(f"{path} has no events table, so it is not a journal file")
+    if version > LATEST_SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"journal {path} has schema version {version}, but this code knows versions up "
+            f"to {LATEST_SCHEMA_VERSION}; open it with a newer release of the journal package"
+        )
+    missing = [table for table in tables if table not in existing]
+    if version < LATEST_SCHEMA_VERSION or missing:
+        raise JournalError(
+            f"journal {path} is at schema version {version} of {LATEST_SCHEMA_VERSION} and lacks "
+            f"the tables {missing or 'of newer migrations'}; a read-only open cannot migrate it, "
+            "so open it once for writing first"
+        )

@@ -22,9 +22,16 @@ from types import TracebackType
 import aiosqlite
 
 from journal.encoding import EVENT_COLUMNS, Upcasters, decode_row
-from journal.errors import JournalError, StoreClosed, sqlite_errors, translate_sqlite_error
+from journal.errors import (
+    JournalError,
+    ReadOnlyViolation,
+    StoreClosed,
+    sqlite_errors,
+    translate_sqlite_error,
+)
+from journal.readonly import readonly_uri
 from journal.records import NewEvent, Projection, RecordedEvent, VerifyResult, WriterStats
-from journal.schema import configure_writer, migrate
+from journal.schema import check_readable, configure_writer, migrate, reject_foreign_file
 from journal.verify import verify_connection
 from journal.writer import AppendRequest, BatchWriter, Outcome, encode_request
 
@@ -47,8 +54,8 @@ class EventStore:
         path: Path,
         reader: aiosqlite.Connection,
         executor: concurrent.futures.ThreadPoolExecutor,
-        writer_conn: sqlite3.Connection,
-        batch_writer: BatchWriter,
+        writer_conn: sqlite3.Connection | None,
+        batch_writer: BatchWriter | None,
         upcasters: Upcasters,
         busy_timeout_s: float,
     ) -> None:
@@ -74,17 +81,28 @@ class EventStore:
         upcasters: Mapping[tuple[str, int], Callable[[dict], dict]] | None = None,
         busy_timeout_s: float = 30.0,
         synchronous: str = "FULL",
+        read_only: bool = False,
     ) -> EventStore:
         """Open or create the journal at `path`, migrate it, and create the projections' tables.
 
         With `synchronous="FULL"` a returned append survives power loss. With "NORMAL" it
         survives a process crash, but power loss can drop the last commits (the file stays valid).
+        With `read_only=True` the file must already be a journal at the latest schema with the
+        projections' tables; it is never created, migrated or written, and append() raises.
         """
         path = Path(path)
         _check_projections(projections)
         upcasters = dict(upcasters or {})
-        loop = asyncio.get_running_loop()
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal-writer")
+        if read_only:
+            try:
+                reader = await _open_reader(path, projections, busy_timeout_s)
+            except BaseException:
+                executor.shutdown(wait=False)
+                raise
+            logger.info("journal %s opened read-only", path)
+            return cls(path, reader, executor, None, None, upcasters, busy_timeout_s)
+        loop = asyncio.get_running_loop()
         try:
             conn = await loop.run_in_executor(
                 executor, _open_writer, path, projections, busy_timeout_s, synchronous
@@ -125,7 +143,7 @@ class EventStore:
         Raises VersionConflict when another append moved the stream first (nothing is written),
         InvalidAppend for malformed arguments, ProjectionFailed when a projection raised.
         """
-        self._check_open()
+        self._check_writable()
         request = encode_request(stream, events, expected_version)
         future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
@@ -134,9 +152,9 @@ class EventStore:
 
     async def rebuild_projections(self) -> None:
         """Delete the projections' rows and re-apply every event, in one transaction."""
-        self._check_open()
+        batch_writer = self._check_writable()
         loop = asyncio.get_running_loop()
-        count = await loop.run_in_executor(self._executor, self._batch_writer.rebuild)
+        count = await loop.run_in_executor(self._executor, batch_writer.rebuild)
         logger.info("journal %s rebuilt projections from %d events", self.path, count)
 
     @property
@@ -175,6 +193,7 @@ class EventStore:
     ) -> tuple[list[_Pending], asyncio.Future[list[Outcome]]]:
         batch = self._take_batch()
         requests = [request for request, _ in batch]
+        assert self._batch_writer is not None  # append() rejects a read-only store
         outcomes = loop.run_in_executor(self._executor, self._batch_writer.write_batch, requests)
         return batch, outcomes
 
@@ -284,8 +303,9 @@ class EventStore:
         self._closed = True
         self._wakeup.set()
         await self._writer_task
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._writer_conn.close)
+        if self._writer_conn is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._writer_conn.close)
         self._executor.shutdown(wait=True)
         await self._reader.close()
         logger.info("journal %s closed", self.path)
@@ -293,6 +313,14 @@ class EventStore:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed(f"journal {self.path} is closed; open a new EventStore")
+
+    def _check_writable(self) -> BatchWriter:
+        self._check_open()
+        if self._batch_writer is None:
+            raise ReadOnlyViolation(
+                f"journal {self.path} was opened read-only; open it without read_only to write"
+            )
+        return self._batch_writer
 
 
 def _check_projections(projections: Sequence[Projection]) -> None:
@@ -318,6 +346,7 @@ def _open_writer(
         raise translate_sqlite_error(exc, path, busy_timeout_s) from exc
     try:
         with sqlite_errors(path, busy_timeout_s):
+            reject_foreign_file(conn, path)
             configure_writer(conn, synchronous)
             migrate(conn, path)
             _create_projections(conn, projections)
@@ -325,6 +354,33 @@ def _open_writer(
         conn.close()
         raise
     return conn
+
+
+async def _open_reader(
+    path: Path, projections: Sequence[Projection], busy_timeout_s: float
+) -> aiosqlite.Connection:
+    """Open a connection that cannot write, after checking that `path` is a current journal."""
+    tables = [table for projection in projections for table in projection.tables]
+    uri = await asyncio.to_thread(_check_readable_file, path, tables, busy_timeout_s)
+    with sqlite_errors(path, busy_timeout_s):
+        reader = await aiosqlite.connect(uri, uri=True, timeout=busy_timeout_s)
+        try:
+            await reader.execute("PRAGMA query_only=ON")
+        except BaseException:
+            await reader.close()
+            raise
+    return reader
+
+
+def _check_readable_file(path: Path, tables: Sequence[str], busy_timeout_s: float) -> str:
+    uri = readonly_uri(path, busy_timeout_s)
+    with sqlite_errors(path, busy_timeout_s):
+        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)
+        try:
+            check_readable(conn, path, tables)
+        finally:
+            conn.close()
+    return uri
 
 
 def _create_projections(conn: sqlite3.Connection, projections: Sequence[Projection]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from journal.encoding import EVENT_COLUMNS, GENESIS_HASH, chain_hash
 from journal.errors import CorruptJournal, sqlite_errors
+from journal.readonly import connect_readonly
 from journal.records import VerifyResult
 
 _BATCH_ROWS = 10_000
@@ -37,10 +38,8 @@ def read_head(path: str | Path) -> tuple[int, str] | None:
 
 @contextlib.contextmanager
 def _open_readonly(path: str | Path) -> Iterator[sqlite3.Connection]:
-    if not Path(path).is_file():
-        raise CorruptJournal(f"journal {path} does not exist; check the path")
+    conn = connect_readonly(path)
     with sqlite_errors(path, busy_timeout_s=30.0):
-        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
         try:
             if not _has_events_table(conn):
                 raise CorruptJournal(f"{path} has no events table, so it is not a journal file")
