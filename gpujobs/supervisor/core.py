@@ -17,10 +17,12 @@ from gpujobs.offers import load_failed_hosts
 from gpujobs.supervisor import budget_guard, jobsteps, mailbox, queue, reconcile, reporting
 from gpujobs.supervisor.settlement import Settlement
 from gpujobs.supervisor.lease import SupervisorLease
+from gpujobs.supervisor.marker import InvalidMarker, checked_marker
 from gpujobs.supervisor.strays import StrayDestroyer
 from gpujobs.supervisor.reports import ReportServer, TokenIssuer
 from gpujobs.supervisor.state import JobTable
 from gpujobs.vast.client import VastClient
+from worker.protocol import COMPLETION_MARKER, CompletionMarker
 from worker.storage import open_storage
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Supervisor:
         self.ticks = 0
         self.jobs_stepped_last_tick = 0
         self.taken_offer_ids: set[int] = set()  # never rent one offer for two jobs
+        self.invalid_markers: set[str] = set()  # jobs whose ignored marker was logged
         self.instances = reconcile.InstanceTracker(settings.sweep_pages_per_tick)
         self.view: reconcile.InstanceView | None = None  # this tick's instances; None if unlisted
         self.limits = load_limits(settings.limit_files())
@@ -182,16 +185,28 @@ class Supervisor:
     def artifact_uri(self, job_id: str) -> str:
         return f"{self.settings.artifact_root.rstrip('/')}/{job_id}"
 
-    async def completion_marker(self, job_id: str) -> bytes | None:
-        from worker.protocol import COMPLETION_MARKER
+    async def completion_marker(self, job_id: str) -> CompletionMarker | None:
+        """Return the job's completion marker, or None when it is missing or not valid.
 
+        A marker that does not parse, names another job, or holds a step or metric that the
+        journal cannot store is logged once per job and ignored, so one damaged file can
+        neither crash the supervisor nor keep the job from running.
+        """
         storage = open_storage(self.artifact_uri(job_id))
         try:
             if not await storage.exists(COMPLETION_MARKER):
                 return None
-            return await storage.get_bytes(COMPLETION_MARKER)
+            text = await storage.get_bytes(COMPLETION_MARKER)
         finally:
             await storage.close()
+        try:
+            return checked_marker(job_id, text)
+        except InvalidMarker as exc:
+            if job_id not in self.invalid_markers:
+                self.invalid_markers.add(job_id)
+                log.warning("job %s: ignoring its completion marker %s: %s", job_id,
+                            COMPLETION_MARKER, exc)
+            return None
 
     async def _on_report(self, report) -> str:  # type: ignore[no-untyped-def]
         return await reporting.handle_report(self, report)

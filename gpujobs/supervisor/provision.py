@@ -17,6 +17,8 @@ from gpujobs.supervisor import instances as inst
 from gpujobs.vast import errors as vast_errors
 
 if TYPE_CHECKING:
+    from worker.protocol import CompletionMarker
+
     from gpujobs.supervisor.core import Supervisor
     from gpujobs.supervisor.reconcile import InstanceView
 
@@ -170,14 +172,7 @@ def _failed_hosts(sup: Supervisor, job_id: str) -> set[int]:
 
 
 
-async def complete_from_marker(sup: Supervisor, job_id: str, marker: bytes) -> None:
-    from worker.protocol import CompletionMarker
-
+async def complete_from_marker(sup: Supervisor, job_id: str, marker: CompletionMarker) -> None:
     job = sup.table.jobs[job_id]
-    try:
-        done = CompletionMarker.from_json(marker)
-    except ValueError as exc:
-        log.warning("job %s: completion marker is unreadable (%s); not trusting it", job_id, exc)
-        return
     log.info("job %s: completion marker found; the job is not run again", job_id)
-    await sup.append(job_id, [ev.JobCompleted(int(job["attempt"]), done.step, done.metrics)])
+    await sup.append(job_id, [ev.JobCompleted(int(job["attempt"]), marker.step, marker.metrics)])

@@ -119,7 +119,7 @@ def _failure_events(job: dict, report: Report) -> list[ev.JobEvent]:
 async def _completion(sup: Supervisor, job: dict, report: Report) -> ev.JobCompleted | None:
     marker = await sup.completion_marker(job["job_id"])
     if marker is None:
-        log.warning("job %s reported completion but its marker is not in storage yet",
-                    job["job_id"])
+        log.warning("job %s reported completion but has no valid completion marker in "
+                    "storage yet", job["job_id"])
         return None
     return ev.JobCompleted(report.attempt, report.step, dict(report.metrics))
