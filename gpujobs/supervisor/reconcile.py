@@ -223,10 +223,11 @@ async def _settle_missing(sup: Supervisor, view: InstanceView) -> None:
                 state.missing_lists = 0
                 continue
             async with table.runtime_for(job_id).lock:
-                await _settle_one(sup, job_id, row, now)
+                await _settle_one(sup, job_id, row, now, view)
 
 
-async def _settle_one(sup: Supervisor, job_id: str, row: dict, now: float) -> None:
+async def _settle_one(sup: Supervisor, job_id: str, row: dict, now: float,
+                      view: InstanceView) -> None:
     attempt = int(row["attempt"])
     if row["status"] == REQUESTED:
         requested_at = row["requested_at"] or now
@@ -243,4 +244,34 @@ async def _settle_one(sup: Supervisor, job_id: str, row: dict, now: float) -> No
     state.missing_lists += 1
     if state.destroy_sent_at is None and state.missing_lists < 2:
         return
+    # After our accepted DELETE, absence from the list confirms the destroy. Without one, the
+    # instance vanished on its own or a sweep skipped it, so one show call decides (rare, and
+    # paced at one per 2 s by the API, so it is not spent on every destroy).
+    if state.destroy_sent_at is None and not await _gone_by_show(sup, job_id, row, view):
+        return
     await inst.confirm_destroyed(sup, job_id, attempt)
+
+
+async def _gone_by_show(sup: Supervisor, job_id: str, row: dict, view: InstanceView) -> bool:
+    """Ask the API whether an instance that the sweeps no longer list is really gone.
+
+    Only a show call that returns no instance counts. A listed instance goes back into the
+    view, and a failed call leaves the decision to a later sweep.
+    """
+    attempt = int(row["attempt"])
+    instance_id = row["instance_id"]
+    if instance_id is None:
+        return True
+    try:
+        fresh = await sup.client.show_instance(int(instance_id))
+    except vast_errors.VastError as exc:
+        log.warning("job %s attempt %d: show of unlisted instance %s failed; deciding later: %s",
+                    job_id, attempt, instance_id, exc)
+        return False
+    if fresh is None:
+        return True
+    log.info("job %s attempt %d: instance %d was missing from the sweeps but is %s",
+             job_id, attempt, fresh.id, fresh.actual_status)
+    view.known[(job_id, attempt)] = dataclasses.replace(fresh, extra_env={}, ports={})
+    sup.table.runtime_for(job_id).attempt(attempt).missing_lists = 0
+    return False

@@ -17,7 +17,7 @@ import pytest
 
 from gpujobs.jobs import list_jobs
 from gpujobs.settings import load_settings
-from gpujobs.supervisor import recovery, watch
+from gpujobs.supervisor import reconcile, recovery, watch
 from tests.e2e.harness import Stack, live_stack
 from tests.e2e.test_same_host_resume import start_new_supervisor, stop_supervisor
 
@@ -310,3 +310,32 @@ async def test_stop_grace_holds_across_restart(tmp_path: Path) -> None:
         ledger = stack.emulator.ledger()
         assert len(ledger) == 1
         assert ledger[0]["destroyed_at"] is not None
+
+
+async def test_unlisted_instance_checked_by_show(tmp_path: Path) -> None:
+    """Two sweeps without a created instance record nothing while a show call still finds it."""
+    async with live_stack(tmp_path / "home") as stack:
+        stack.start_loop()
+        job_id = await stack.submit(total_steps=400, step_delay_s=0.01)
+        instance_id = await running_with_checkpoint(stack, job_id)
+        stack.supervisor.request_stop()
+        await asyncio.gather(stack.loop_task, return_exceptions=True)
+        stack.loop_task = None
+        shows_before = stack.emulator.request_count(SHOW_ENDPOINT)
+
+        for _ in range(3):  # the second missed sweep asks show, which resets the count
+            view = reconcile.InstanceView(complete=True)  # a finished sweep that lacks it
+            await reconcile._settle_missing(stack.supervisor, view)
+
+        kinds = types_of(await attempt_events(stack, job_id, 1))
+        assert "InstanceDestroyed" not in kinds
+        assert stack.supervisor.table.live_attempts(job_id)
+        assert stack.emulator.request_count(SHOW_ENDPOINT) - shows_before == 1
+        assert instance_id in stack.emulator.live_instance_ids()
+
+        # Once the instance is really gone, the same check records the destroy.
+        await stack.client.destroy_instance(instance_id)
+        for _ in range(2):
+            await reconcile._settle_missing(stack.supervisor, reconcile.InstanceView(complete=True))
+        kinds = types_of(await attempt_events(stack, job_id, 1))
+        assert "InstanceDestroyed" in kinds
