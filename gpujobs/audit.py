@@ -26,6 +26,9 @@ EVENT_FIELDS = (
     "team", "project", "attempt", "data", "hash",
 )
 KNOWN_EVENT_TYPES = frozenset(EVENT_TYPES) | NON_TRANSITION_EVENTS
+MIN_TIME_S = 0.0  # 1970-01-01T00:00:00Z
+MAX_TIME_S = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc).timestamp()
+MAX_LIMIT = 2**63 - 1  # the largest integer SQLite stores
 
 
 @dataclass(frozen=True)
@@ -42,21 +45,33 @@ class AuditFilters:
 
 
 def parse_time(text: str) -> float:
-    """Parse ISO 8601 (UTC when no zone is given) or unix seconds into unix seconds."""
+    """Parse ISO 8601 (UTC when no zone is given) or unix seconds into unix seconds.
+
+    Raises GpujobsError for text that is neither, and for times outside the years 1970 to 9999.
+    """
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
+        seconds = _parse_iso(text)
+    if not MIN_TIME_S <= seconds <= MAX_TIME_S:  # also False for nan
+        raise GpujobsError(
+            f"invalid time {text!r}: it is not between 1970-01-01 and 9999-12-31 UTC; use "
+            "ISO 8601 (2026-12-04T16:30:00) or unix seconds in that range"
+        )
+    return seconds
+
+
+def _parse_iso(text: str) -> float:
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.timestamp()
+    except (ValueError, OverflowError):
         raise GpujobsError(
             f"invalid time {text!r}; use ISO 8601 (2026-12-04 or 2026-12-04T16:30:00) "
             "or unix seconds"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
 
 
 def iso_utc(epoch: float) -> str:
@@ -75,7 +90,7 @@ def query_events(path: str | Path, filters: AuditFilters) -> list[dict[str, Any]
     if (filters.team or filters.project) and not has_jobs:
         raise GpujobsError(
             f"journal {path} has no jobs table, so --team and --project cannot be applied; "
-            "open it once with `gpujobs status` to create the table"
+            "run `gpujobs submit` or `gpujobs supervise` once to create the table"
         )
     if filters.types:
         _check_types(path, filters.types)
@@ -88,8 +103,10 @@ def query_events(path: str | Path, filters: AuditFilters) -> list[dict[str, Any]
 
 
 def _check_filters(filters: AuditFilters) -> None:
-    if filters.limit is not None and filters.limit < 1:
-        raise GpujobsError(f"invalid --limit {filters.limit}; use a positive number of events")
+    if filters.limit is not None and not 1 <= filters.limit <= MAX_LIMIT:
+        raise GpujobsError(
+            f"invalid --limit {filters.limit}; use a number of events from 1 to {MAX_LIMIT}"
+        )
     if filters.since is not None and filters.until is not None and filters.since > filters.until:
         raise GpujobsError(
             f"--since ({iso_utc(filters.since)}) is after --until ({iso_utc(filters.until)}); "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -192,14 +193,13 @@ def supervise(
     from gpujobs.cli_supervise import supervise_command
     from gpujobs.profiles import environment_from
 
-    if pacing_scale < 0:
-        raise GpujobsError(f"--pacing-scale {pacing_scale} is negative; use 0 or more")
-    if intent_timeout_s <= 0:
-        raise GpujobsError(f"--intent-timeout-s {intent_timeout_s} must be positive")
-    for flag, value in (("--settle-delay-s", settle_delay_s),
+    for flag, value in (("--tick-s", tick_s), ("--intent-timeout-s", intent_timeout_s)):
+        if not 0 < value < math.inf:  # also False for nan
+            raise GpujobsError(f"invalid {flag} {value}; use a finite number of seconds above 0")
+    for flag, value in (("--pacing-scale", pacing_scale), ("--settle-delay-s", settle_delay_s),
                         ("--settle-interval-s", settle_interval_s)):
-        if value < 0:
-            raise GpujobsError(f"{flag} {value} is negative; use 0 or more")
+        if not 0 <= value < math.inf:
+            raise GpujobsError(f"invalid {flag} {value}; use a finite number, 0 or more")
     settings = _settings().replace(tick_s=tick_s, settle_delay_s=settle_delay_s,
                                    settle_interval_s=settle_interval_s,
                                    env=environment_from(env))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -19,6 +20,19 @@ audit_app = typer.Typer(
 )
 FORMATS = ("table", "csv", "jsonl")
 TABLE_DEFAULT_LIMIT = 100
+MAX_QUERY_TIMEOUT_S = 86_400.0
+MAX_QUERY_ROWS = 10_000_000
+
+
+def _journal_path() -> Path:
+    """Return the journal's path; raise a one-line error when it is missing or unreadable."""
+    from gpujobs.jobs import journal_exists
+
+    settings = load_settings()
+    if not journal_exists(settings):
+        raise GpujobsError(f"no journal at {settings.journal_path}; submit a job first or "
+                           "check GPUJOBS_HOME")
+    return settings.journal_path
 
 
 def _print_json(value: Any) -> None:
@@ -68,7 +82,7 @@ def audit_events(
         until=parse_time(until) if until is not None else None,
         team=team, project=project, limit=limit,
     )
-    rows = query_events(load_settings().journal_path, filters)
+    rows = query_events(_journal_path(), filters)
     if json_output:
         _print_json(rows)
     elif output_format == "csv":
@@ -104,13 +118,13 @@ def audit_verify(
     """Recompute the journal's hash chain; name the first row that does not match."""
     from journal import verify_file
 
-    settings = load_settings()
-    result = verify_file(settings.journal_path, _parse_head(head) if head else None)
+    path = _journal_path()
+    result = verify_file(path, _parse_head(head) if head else None)
     if result.ok:
         anchored = f", head seq {head.split(':')[0]} matches" if head else ""
         typer.echo(f"ok: {result.event_count} events, chain verified{anchored}")
         return
-    typer.echo(f"journal {settings.journal_path} fails verification at seq "
+    typer.echo(f"journal {path} fails verification at seq "
                f"{result.first_bad_seq}: {result.reason}", err=True)
     # NOTE: not typer.Exit(1): gpujobs.cli.main runs the app with standalone_mode=False, and
     # click then returns typer.Exit's code instead of exiting with it.
@@ -138,7 +152,7 @@ def audit_head(
     """
     from journal import read_head
 
-    head = read_head(load_settings().journal_path)
+    head = read_head(_journal_path())
     if head is None:
         raise GpujobsError("the journal has no events yet, so it has no head to record")
     if json_output:
@@ -151,11 +165,21 @@ def audit_head(
 def audit_sql(
     query: str = typer.Argument(..., help="One read-only SQL statement."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON array of objects."),
+    timeout_s: float = typer.Option(
+        30.0, "--timeout-s", help="Seconds the query may run before it is stopped."),
+    max_rows: int = typer.Option(
+        10_000, "--max-rows", help="Most rows to print; a query returning more is rejected."),
 ) -> None:
     """Run a read-only SQL query against the journal, its tables and views."""
-    from journal import run_readonly_query
+    from journal import QueryLimits, run_readonly_query
 
-    columns, rows = run_readonly_query(load_settings().journal_path, query)
+    if not 0 < timeout_s <= MAX_QUERY_TIMEOUT_S:  # also False for nan
+        raise GpujobsError(f"invalid --timeout-s {timeout_s}; use a number of seconds above 0 "
+                           f"and at most {MAX_QUERY_TIMEOUT_S:g}")
+    if not 1 <= max_rows <= MAX_QUERY_ROWS:
+        raise GpujobsError(f"invalid --max-rows {max_rows}; use 1 to {MAX_QUERY_ROWS}")
+    limits = QueryLimits(timeout_s=timeout_s, max_rows=max_rows)
+    columns, rows = run_readonly_query(_journal_path(), query, limits=limits)
     if json_output:
         _print_json([dict(zip(columns, row)) for row in rows])
         return

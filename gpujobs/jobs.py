@@ -32,11 +32,23 @@ async def open_journal(settings: Settings, *, read_only: bool = False) -> EventS
     """
     if not read_only:
         make_home(settings.home)
-    elif not settings.journal_path.is_file():
+    elif not journal_exists(settings):
         raise GpujobsError(f"no journal at {settings.journal_path}; submit a job first or check "
                            "GPUJOBS_HOME")
     return await EventStore.open(settings.journal_path, projections=[JobsProjection()],
                                  read_only=read_only)
+
+
+def journal_exists(settings: Settings) -> bool:
+    """Return whether the journal file exists; raise a one-line error when it cannot be read."""
+    try:
+        if settings.home.exists() and not settings.home.is_dir():
+            raise GpujobsError(f"GPUJOBS_HOME={settings.home} is a file, not a folder; point "
+                               "GPUJOBS_HOME to a folder")
+        return settings.journal_path.is_file()
+    except OSError as exc:
+        raise GpujobsError(f"cannot read GPUJOBS_HOME={settings.home} ({exc.strerror or exc}); "
+                           "fix its permissions or point GPUJOBS_HOME to another folder") from exc
 
 
 def make_home(home: Path) -> None:
@@ -138,7 +150,7 @@ class JobStatus:
 
 async def list_jobs(settings: Settings, job_id: str | None = None) -> list[JobStatus]:
     """Read the jobs from the journal without writing to it; no journal yet lists no jobs."""
-    if job_id is None and not settings.journal_path.exists():
+    if job_id is None and not journal_exists(settings):
         return []
     store = await open_journal(settings, read_only=True)
     try:

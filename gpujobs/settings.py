@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gpujobs.errors import ConfigError
 
@@ -79,16 +80,55 @@ def load_settings(*, home: Path | None = None, config_dir: Path | None = None) -
         dirs.append(extra)
     return Settings(
         home=resolved_home.expanduser(),
-        vast_url=os.environ.get("VAST_URL") or None,
-        vast_api_key=os.environ.get("VAST_API_KEY") or None,
+        vast_url=_checked_url("VAST_URL"),
+        vast_api_key=_checked_api_key(),
         artifact_uri=os.environ.get("GPUJOBS_ARTIFACT_URI") or None,
         config_dirs=tuple(dirs),
         env=os.environ.get("GPUJOBS_ENV") or None,
         report_host=os.environ.get("GPUJOBS_REPORT_HOST") or "127.0.0.1",
         report_port=_port_from_env(),
-        public_report_url=os.environ.get("GPUJOBS_REPORT_URL") or None,
+        public_report_url=_checked_url("GPUJOBS_REPORT_URL"),
         report_mode=_report_mode_from_env(),
     )
+
+
+def url_problem(url: str) -> str | None:
+    """Return why `url` is not an http(s) URL with a host, or None when it is one."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError for a port that is not a number in 0-65535
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "it does not start with http:// or https://"
+    if not parts.hostname:
+        return "it has no host"
+    return None
+
+
+def api_key_problem(key: str) -> str | None:
+    """Return why `key` cannot be sent in an HTTP header, without quoting it, or None."""
+    if not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
+        return "it contains a space, newline, control or non-ASCII character"
+    return None
+
+
+def _checked_url(variable: str) -> str | None:
+    url = os.environ.get(variable) or None
+    problem = None if url is None else url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{variable}={url!r} is not a valid URL: {problem}; use "
+                          "http://HOST:PORT or https://HOST")
+    return url
+
+
+def _checked_api_key() -> str | None:
+    key = os.environ.get("VAST_API_KEY", "").strip() or None
+    problem = None if key is None else api_key_problem(key)
+    if problem is not None:
+        raise ConfigError(f"VAST_API_KEY is invalid: {problem}; set it to the key alone, as "
+                          "shown on the Vast.ai account page")
+    return key
 
 
 def _report_mode_from_env() -> str:

@@ -19,6 +19,7 @@ from journal.errors import (
     InvalidQuery,
     JournalError,
     ReadOnlyViolation,
+    StorageError,
     sqlite_errors,
     translate_sqlite_error,
 )
@@ -108,8 +109,15 @@ def readonly_uri(path: str | Path, busy_timeout_s: float = 30.0) -> str:
     and no writer has the file open, SQLite cannot create it, so the file is opened with
     `immutable=1`: no -wal file exists then, so no commit is waiting outside the main file.
     """
-    if not Path(path).is_file():
-        raise CorruptJournal(f"journal {path} does not exist; check the path or GPUJOBS_HOME")
+    try:
+        exists = Path(path).is_file()
+    except OSError as exc:
+        raise StorageError(
+            f"cannot read journal {path} ({exc.strerror or exc}); check the permissions of its "
+            "folder"
+        ) from exc
+    if not exists:
+        raise CorruptJournal(f"journal {path} does not exist; check the path")
     uri = f"{Path(path).resolve().as_uri()}?mode=ro"
     try:
         probe = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)

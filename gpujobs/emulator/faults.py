@@ -128,7 +128,11 @@ class FaultPlan:
         """Load a plan from a YAML or JSON file (JSON is valid YAML)."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise FaultPlanError(f"fault plan {path} is not UTF-8 text (byte "
+                                 f"{exc.object[exc.start]:#04x} at offset {exc.start}); "
+                                 "save it as UTF-8") from exc
         except OSError as exc:
             raise FaultPlanError(f"cannot read fault plan {path}: {exc}") from exc
         except yaml.YAMLError as exc:

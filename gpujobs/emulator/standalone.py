@@ -21,11 +21,17 @@ async def serve(port: int = 0, seed: int = 0, faults_path: Path | None = None,
     ``extra_rules`` (from command-line flags) run after the rules of the plan file. This is
     the one place the generated key is printed: the user needs it to call the emulator.
     """
+    if not 0 <= port <= 65535:
+        raise EmulatorError(f"invalid --port {port}; use 0 to 65535 (0 picks a free port)")
     plan = FaultPlan.from_file(faults_path) if faults_path else FaultPlan()
     plan = plan.with_rules(extra_rules)
     emulator = Emulator(seed=seed, api_key=api_key, time_scale=time_scale,
                         loading_s=loading_s, faults=plan)
-    url = await emulator.start(port=port)
+    try:
+        url = await emulator.start(port=port)
+    except OSError as exc:
+        raise EmulatorError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                            "pick another --port or 0 for a free one") from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import aiohttp
 
+from gpujobs.settings import api_key_problem, url_problem
 from gpujobs.vast import errors
 from gpujobs.vast.query import parse_order, parse_query
 from gpujobs.vast.records import Instance, Offer
@@ -41,6 +42,18 @@ def find_api_key(api_key: str | None = None) -> str | None:
     return None
 
 
+def _check_connection(base_url: str, api_key: str | None) -> None:
+    """Raise VastError for a base URL or key that aiohttp could not send; never quote the key."""
+    problem = url_problem(base_url)
+    if problem is not None:
+        raise errors.VastError(f"Vast.ai URL {base_url!r} is invalid: {problem}; set VAST_URL "
+                               "to http://HOST:PORT or https://HOST")
+    problem = None if api_key is None else api_key_problem(api_key)
+    if problem is not None:
+        raise errors.VastError(f"the Vast.ai API key is invalid: {problem}; set VAST_API_KEY "
+                               "to the key alone")
+
+
 class VastClient:
     """Async Vast.ai client: offer search, instance lifecycle, logs and billing.
 
@@ -55,6 +68,8 @@ class VastClient:
                  min_interval_s: Mapping[str, float] | None = None,
                  session: aiohttp.ClientSession | None = None):
         self.base_url = (base_url or os.environ.get("VAST_URL") or DEFAULT_URL).rstrip("/")
+        api_key = find_api_key(api_key)
+        _check_connection(self.base_url, api_key)
         policy = RetryPolicy(
             max_attempts=max(1, max_attempts), backoff_base_s=backoff_base_s,
             backoff_cap_s=backoff_cap_s, deadline_s=deadline_s,
@@ -63,7 +78,7 @@ class VastClient:
         intervals = dict(DEFAULT_MIN_INTERVAL_S)
         if min_interval_s is not None:
             intervals.update(min_interval_s)
-        self._transport = Transport(self.base_url, find_api_key(api_key), policy, intervals,
+        self._transport = Transport(self.base_url, api_key, policy, intervals,
                                     session, USER_AGENT)
 
     def __repr__(self) -> str:

@@ -129,7 +129,7 @@ async def test_limit_keeps_newest(journal):
 @pytest.mark.parametrize(
     ("filters", "message"),
     [
-        (AuditFilters(limit=0), "invalid --limit 0; use a positive number of events"),
+        (AuditFilters(limit=0), "invalid --limit 0; use a number of events from 1 to"),
         (AuditFilters(types=("Bogus",)), "unknown event type 'Bogus'; use one of: "),
         (AuditFilters(since=20.0, until=10.0), "--since (1970-01-01T00:00:20.000Z) is after"),
     ],
