@@ -68,7 +68,7 @@ async def write_checkpoint(
 
 
 async def list_checkpoints(storage: Storage) -> list[StoredCheckpoint]:
-    """Return checkpoint folders, highest step first; the step is parsed as a number.
+    """Return checkpoint folders, highest step first, ordered by the step as a number.
 
     A folder whose step is above MAX_WIRE_INT is skipped with a warning, because no report
     or manifest can carry that step.

@@ -87,6 +87,9 @@ def _run_session(config: WorkerConfig, capture, command: str, child: list[str] |
         try:
             session.preflight()
             return _dispatch(session, command, child)
+        except protocol.InvalidCompletionMarker as exc:
+            message = f"{exc}: fix or delete {protocol.COMPLETION_MARKER} in {config.artifact_uri}"
+            return session.fail(message, protocol.EXIT_BAD_CHECKPOINT)
         except StorageUnavailable as exc:
             return session.fail(f"artifact storage unavailable: {exc}")
         except StorageError as exc:

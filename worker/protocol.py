@@ -42,7 +42,8 @@ REPORT_PATH = "/v1/jobs/{job_id}/reports"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 75  # stopped by SIGTERM after writing what the grace period allowed
-EXIT_BAD_CHECKPOINT = 76  # a checkpoint exists but cannot be loaded; restarting will not help
+# A checkpoint or the completion marker exists but cannot be loaded, so a restart cannot help.
+EXIT_BAD_CHECKPOINT = 76
 EXIT_BAD_CONFIG = 78
 
 # Artifact layout under the job's prefix.
@@ -76,7 +77,7 @@ def shard_output_key(shard: int) -> str:
     return f"{OUTPUTS_DIR}/shard-{shard}.json"
 
 
-# Size limits of the documents; real ones are a few hundred bytes.
+# Size limits of the documents. Valid ones take a few hundred bytes.
 MAX_REPORT_BYTES = 64 * 1024
 MAX_MANIFEST_BYTES = 16 * 1024
 MAX_MARKER_BYTES = 64 * 1024
@@ -85,11 +86,11 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class InvalidReport(wire.InvalidDocument):
-    """A report body that is not a valid report; the supervisor answers it with HTTP 400."""
+    """A report body that is not a valid report. The supervisor rejects it with HTTP 400."""
 
 
 class InvalidManifest(wire.InvalidDocument):
-    """A checkpoint manifest that is not valid; its checkpoint is skipped."""
+    """A checkpoint manifest that is not valid, so its checkpoint is skipped."""
 
 
 class InvalidCompletionMarker(wire.InvalidDocument):
@@ -119,7 +120,7 @@ class CheckpointRef:
 
     @classmethod
     def from_dict(cls, data: Any) -> CheckpointRef:
-        """Parse a checkpoint reference; raises wire.InvalidDocument."""
+        """Parse a checkpoint reference, or raise wire.InvalidDocument."""
         data = wire.require_object(data, "last_checkpoint")
         return cls(
             step=wire.get_int(data, "step"),
@@ -159,7 +160,7 @@ class Report:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Report:
-        """Parse a report body; raises InvalidReport with a one-line message."""
+        """Parse a report body, or raise InvalidReport with a one-line message."""
         try:
             return cls._parse(wire.load_object(text, MAX_REPORT_BYTES))
         except wire.InvalidDocument as exc:
@@ -167,7 +168,7 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: Any) -> Report:
-        """Parse a decoded report; raises InvalidReport naming the missing or invalid field."""
+        """Parse a decoded report, or raise InvalidReport naming the missing or invalid field."""
         try:
             return cls._parse(wire.require_object(data, "report"))
         except wire.InvalidDocument as exc:
@@ -180,6 +181,8 @@ class Report:
         if kind not in ReportKind.__members__.values():
             raise wire.InvalidDocument(f"kind={kind[:60]!r} is not a report kind")
         error = data.get("error")
+        if error is not None:
+            error = wire.get_str(data, "error", max_chars=wire.MAX_TEXT_CHARS)
         return cls(
             job_id=wire.get_str(data, "job_id"),
             attempt=wire.get_int(data, "attempt"),
@@ -191,7 +194,7 @@ class Report:
             checkpointing_step=wire.get_optional_int(data, "checkpointing_step"),
             resumed_from_step=wire.get_optional_int(data, "resumed_from_step"),
             metrics=wire.get_metrics(data),
-            error=None if error is None else wire.get_str(data, "error", max_chars=wire.MAX_TEXT_CHARS),
+            error=error,
             exit_code=wire.get_optional_int(data, "exit_code", maximum=255),
             protocol_version=wire.get_int(data, "protocol_version", PROTOCOL_VERSION),
         )
@@ -213,7 +216,7 @@ class CheckpointManifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CheckpointManifest:
-        """Parse a manifest; raises InvalidManifest with a one-line message."""
+        """Parse a manifest, or raise InvalidManifest with a one-line message."""
         try:
             data = wire.load_object(text, MAX_MANIFEST_BYTES)
             return cls(
@@ -239,14 +242,14 @@ class CompletionMarker:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        """Encode the marker as strict JSON; a non-finite metric is written as null."""
+        """Encode the marker as strict JSON, writing a non-finite metric as null."""
         data = asdict(self)
         data["metrics"] = wire.encode_metrics(self.metrics)
         return json.dumps(data, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> CompletionMarker:
-        """Parse a marker; raises InvalidCompletionMarker (a ValueError) for every invalid one.
+        """Parse a marker, or raise InvalidCompletionMarker (a ValueError) for any invalid one.
 
         Null metrics, which to_json writes for non-finite values, are left out of metrics.
         """
@@ -271,7 +274,7 @@ def _get_sha256(data: dict[str, Any]) -> str:
 
 
 def _get_file_name(data: dict[str, Any], name: str, default: str) -> str:
-    """Return a plain file name: a path such as '../x' could point outside its folder."""
+    """Return field name as a plain file name, because a path such as '../x' leaves its folder."""
     value = wire.get_str(data, name, default)
     if "/" in value or "\\" in value or value in (".", ".."):
         raise wire.InvalidDocument(f"{name}={value[:60]!r} must be a file name, not a path")

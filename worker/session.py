@@ -65,7 +65,7 @@ class WorkerSession:
         self.loop.run(preflight(self.storage))
 
     def completion_marker(self) -> CompletionMarker | None:
-        """Return this job's completion marker, or None; a marker of another job is ignored.
+        """Return this job's completion marker, or None. A marker of another job is ignored.
 
         Raises InvalidCompletionMarker when the stored marker cannot be parsed.
         """

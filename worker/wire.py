@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-# Largest integer a float (and so every JSON parser) represents exactly.
+# Largest integer that a 64-bit float, and so a JavaScript number, represents exactly.
 MAX_WIRE_INT = 2**53
 MAX_NAME_CHARS = 256  # job ids, metric names, file names
 MAX_TEXT_CHARS = 8192  # free text such as a worker's error message
@@ -24,7 +24,7 @@ class InvalidDocument(ValueError):
 
 
 def load_object(text: str | bytes, max_bytes: int) -> dict[str, Any]:
-    """Parse text as one JSON object of at most max_bytes; raises InvalidDocument."""
+    """Parse text as one JSON object of at most max_bytes, or raise InvalidDocument."""
     if len(text) > max_bytes:
         raise InvalidDocument(f"document has {len(text)} bytes, more than the limit of {max_bytes}")
     try:
@@ -34,7 +34,8 @@ def load_object(text: str | bytes, max_bytes: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidDocument(f"document is not valid UTF-8: {exc.reason}") from None
     except json.JSONDecodeError as exc:
-        raise InvalidDocument(f"document is not valid JSON: {exc.msg} at offset {exc.pos}") from None
+        message = f"document is not valid JSON: {exc.msg} at offset {exc.pos}"
+        raise InvalidDocument(message) from None
     except ValueError as exc:  # raised for NaN and Infinity, or an integer of too many digits
         raise InvalidDocument(str(exc).splitlines()[0]) from None
     if not isinstance(data, dict):
@@ -56,7 +57,7 @@ def get_int(
     minimum: int = 0,
     maximum: int = MAX_WIRE_INT,
 ) -> int:
-    """Return field name as an int in minimum..maximum; a missing field gives default if set."""
+    """Return field name as an int in minimum..maximum, or default when the field is missing."""
     value = _get(data, name, default)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidDocument(f"{name} must be an integer, not {_show(value)}")
@@ -74,7 +75,7 @@ def get_optional_int(
 
 
 def get_float(data: dict[str, Any], name: str) -> float:
-    """Return field name as a finite float; JSON integers are accepted."""
+    """Return field name as a finite float. JSON integers are accepted too."""
     return finite_float(_get(data, name, None), name)
 
 
@@ -100,7 +101,7 @@ def get_str(
 
 
 def get_metrics(data: dict[str, Any], name: str = "metrics") -> dict[str, float]:
-    """Return field name as {metric: finite float}; null values (non-finite when sent) are dropped."""
+    """Return field name as {metric: finite float}, leaving out nulls (non-finite when sent)."""
     raw = data.get(name)
     if raw is None:
         return {}
@@ -143,6 +144,6 @@ def _type_name(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    """repr of value cut to a short single line, so hostile input cannot flood a log."""
+    """Return repr(value) cut to a short single line, so hostile input cannot flood a log."""
     text = repr(value)
     return text if len(text) <= _MAX_SHOWN_CHARS else text[: _MAX_SHOWN_CHARS - 3] + "..."

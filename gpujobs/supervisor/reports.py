@@ -99,6 +99,6 @@ class ReportServer:
 
 
 def _reject(job_id: str, error: str) -> web.Response:
-    """Log a report that failed validation and answer it with HTTP 400."""
+    """Log a report that failed validation and return an HTTP 400 response for it."""
     log.warning("rejected a report for job %s: %s", job_id, error)
     return web.json_response({"ok": False, "error": error}, status=400)

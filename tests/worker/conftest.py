@@ -1,4 +1,5 @@
-"""Fixtures for the worker tests: a moto S3 server process, storages over both backends."""
+"""Fixtures for the worker tests: a moto S3 server process, storages over both backends, and
+the supervisor's report endpoint on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from gpujobs.supervisor.reports import ReportServer, TokenIssuer
+from worker.protocol import Report
 from worker.storage import Storage, open_storage
 from worker.storage.s3 import S3Storage
 
@@ -114,3 +117,29 @@ async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         backend = make_s3_storage(moto_url, create_bucket(moto_url))
     yield backend
     await backend.close()
+
+
+class Recorder:
+    """Report handler that keeps every report it is given."""
+
+    def __init__(self) -> None:
+        self.reports: list[Report] = []
+
+    async def __call__(self, report: Report) -> str:
+        self.reports.append(report)
+        return "ok"
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> TokenIssuer:
+    return TokenIssuer.from_home(tmp_path / "home")
+
+
+@pytest.fixture
+async def report_endpoint(issuer: TokenIssuer) -> AsyncIterator[tuple[str, Recorder]]:
+    """A ReportServer on a free port: its base URL and the recorder of accepted reports."""
+    recorder = Recorder()
+    report_server = ReportServer(issuer, recorder)
+    port = await report_server.start("127.0.0.1", 0)
+    yield f"http://127.0.0.1:{port}", recorder
+    await report_server.stop()
