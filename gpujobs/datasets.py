@@ -35,6 +35,26 @@ class PushedDataset:
     uploaded_files: int
 
 
+def _reject_outside_links(root: Path) -> None:
+    """Raise DatasetPushFailed for a symbolic link in folder `root` that leads out of it.
+
+    Such a link would upload a file the user never put in the dataset, such as /etc/passwd.
+    Links to folders are not followed by the scan, so only links to files are checked.
+    """
+    if not root.is_dir():
+        return
+    resolved_root = root.resolve()
+    for link in sorted(root.rglob("*")):
+        if not link.is_symlink():
+            continue
+        target = link.resolve()
+        if not target.is_relative_to(resolved_root):
+            raise DatasetPushFailed(
+                f"dataset {root} contains the symbolic link {link} to {target}, outside the "
+                "folder; remove the link or copy the file into the folder"
+            )
+
+
 def datasets_uri(artifact_root: str) -> str:
     return f"{artifact_root.rstrip('/')}/{DATASETS_DIR}"
 
@@ -46,6 +66,7 @@ async def push_dataset(artifact_root: str, path: Path) -> PushedDataset:
     stored dataset fail verification when a worker fetches it.
     """
     try:
+        await asyncio.to_thread(_reject_outside_links, path.expanduser())
         scanned = await asyncio.to_thread(scan_files, path.expanduser())
     except (DatasetError, OSError) as exc:
         raise DatasetPushFailed(f"cannot read dataset {path}: {exc}") from exc

@@ -82,7 +82,7 @@ def load_settings(*, home: Path | None = None, config_dir: Path | None = None) -
         home=resolved_home.expanduser(),
         vast_url=_checked_url("VAST_URL"),
         vast_api_key=_checked_api_key(),
-        artifact_uri=os.environ.get("GPUJOBS_ARTIFACT_URI") or None,
+        artifact_uri=_checked_artifact_uri(),
         config_dirs=tuple(dirs),
         env=os.environ.get("GPUJOBS_ENV") or None,
         report_host=os.environ.get("GPUJOBS_REPORT_HOST") or "127.0.0.1",
@@ -120,6 +120,19 @@ def _checked_url(variable: str) -> str | None:
         raise ConfigError(f"{variable}={url!r} is not a valid URL: {problem}; use "
                           "http://HOST:PORT or https://HOST")
     return url
+
+
+def _checked_artifact_uri() -> str | None:
+    uri = os.environ.get("GPUJOBS_ARTIFACT_URI") or None
+    if uri is None:
+        return None
+    parts = urlsplit(uri)
+    if parts.scheme == "file" and parts.netloc in ("", "localhost") and parts.path.startswith("/"):
+        return uri
+    if parts.scheme == "s3" and parts.netloc:
+        return uri
+    raise ConfigError(f"GPUJOBS_ARTIFACT_URI={uri!r} is not a storage URI; use "
+                      "file:///absolute/path or s3://bucket/prefix")
 
 
 def _checked_api_key() -> str | None:
