@@ -150,7 +150,9 @@ class JobStatus:
 
 async def list_jobs(settings: Settings, job_id: str | None = None) -> list[JobStatus]:
     """Read the jobs from the journal without writing to it; no journal yet lists no jobs."""
-    if job_id is None and not journal_exists(settings):
+    if not journal_exists(settings):
+        if job_id is not None:
+            raise JobNotFound(job_id, str(settings.journal_path))
         return []
     store = await open_journal(settings, read_only=True)
     try:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from gpujobs.emulator import Emulator
+from gpujobs.vast.client import VastClient
+from gpujobs.vast.errors import VastError
 from tests.gpujobs.test_cli_errors import assert_one_line_error, run
 
 NOT_UTF8 = b"name: caf\xe9\nprofile: dev-test\n"
@@ -262,3 +264,15 @@ async def test_supervise_bad_report_host(tmp_path: Path, emulator) -> None:
                                    GPUJOBS_REPORT_HOST="999.1.1.1")
     assert_one_line_error(done, "GPUJOBS_REPORT_HOST='999.1.1.1' is not a host name or address",
                           "127.0.0.1")
+
+
+@pytest.mark.parametrize("base_url,api_key,fragment", [
+    ("ftp://x", "key", "Vast.ai URL 'ftp://x' is invalid"),
+    ("http://127.0.0.1:1", "secret-part\nsecond-part", "the Vast.ai API key is invalid"),
+    ("http://127.0.0.1:1", "secret part", "the Vast.ai API key is invalid"),
+])
+def test_client_rejects_unsendable_settings(base_url: str, api_key: str, fragment: str) -> None:
+    with pytest.raises(VastError) as caught:
+        VastClient(api_key=api_key, base_url=base_url)
+    assert fragment in str(caught.value)
+    assert "secret" not in str(caught.value)
