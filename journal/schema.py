@@ -105,9 +105,9 @@ def reject_foreign_file(conn: sqlite3.Connection, path: str | Path) -> None:
     """
     tables = _user_tables(conn)
     if tables and "events" not in tables:
-        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        table_list = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
         raise CorruptJournal(
-            f"{path} is a SQLite database but not a journal (it has the tables {shown} and no "
+            f"{path} is a SQLite database but not a journal (it has the tables {table_list} and no "
             "events table); it was left unchanged: use another path for the journal"
         )
 

@@ -16,6 +16,7 @@ from gpujobs.emulator import Emulator
 from gpujobs.vast.client import VastClient
 from gpujobs.vast.errors import VastError
 from tests.gpujobs.test_cli_errors import assert_one_line_error, run
+from tests.journal.journal_testkit import can_mount_read_only
 
 NOT_UTF8 = b"name: caf\xe9\nprofile: dev-test\n"
 ENDLESS_QUERY = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
@@ -100,7 +101,8 @@ def test_audit_sql_times_out(home_with_job: Path) -> None:
 
 
 def test_audit_sql_row_limit(home_with_job: Path) -> None:
-    query = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 5) SELECT x FROM c"
+    query = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 5) "
+             "SELECT x FROM c")
     done = run(["audit", "sql", "--max-rows", "4", query], home_with_job)
     assert_one_line_error(done, "more than 4 rows", "add a LIMIT clause or raise --max-rows")
     done = run(["audit", "sql", "--max-rows", "5", "--json", query], home_with_job)
@@ -195,14 +197,6 @@ def test_status_on_new_home_creates_nothing(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert not (tmp_path / "home").exists()
-
-
-def can_mount_read_only() -> bool:
-    try:
-        done = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
 
 
 @pytest.mark.skipif(not can_mount_read_only(), reason="needs unshare for a read-only mount")

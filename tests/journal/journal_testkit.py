@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 from collections.abc import Iterable
 
 from journal import RecordedEvent
@@ -62,3 +63,12 @@ def read_counts(path: str) -> dict[str, tuple[int, int]]:
     finally:
         conn.close()
     return {stream: (events, last_version) for stream, events, last_version in rows}
+
+
+def can_mount_read_only() -> bool:
+    """Return whether `unshare -rm` works here, so a test can mount a folder read-only."""
+    try:
+        done = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0

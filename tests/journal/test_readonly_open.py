@@ -23,6 +23,7 @@ from journal import (
     run_readonly_query,
     verify_file,
 )
+from journal_testkit import can_mount_read_only
 
 
 class Counter:
@@ -137,14 +138,6 @@ async def main():
         print(await store.last_seq())
 asyncio.run(main())
 """
-
-
-def can_mount_read_only() -> bool:
-    try:
-        done = subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
 
 
 @pytest.mark.skipif(not can_mount_read_only(), reason="needs unshare for a read-only mount")
