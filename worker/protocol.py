@@ -251,16 +251,17 @@ class CompletionMarker:
     def from_json(cls, text: str | bytes) -> CompletionMarker:
         """Parse a marker, or raise InvalidCompletionMarker (a ValueError) for any invalid one.
 
-        Null metrics, which to_json writes for non-finite values, are left out of metrics.
+        Metrics that are null (as to_json writes them) or not finite (as NaN, Infinity or 1e400,
+        which older workers wrote) are left out, so a job that completed stays completed.
         """
         try:
-            data = wire.load_object(text, MAX_MARKER_BYTES)
+            data = wire.load_object(text, MAX_MARKER_BYTES, allow_constants=True)
             return cls(
                 job_id=wire.get_str(data, "job_id"),
                 attempt=wire.get_int(data, "attempt"),
                 step=wire.get_int(data, "step"),
                 completed_at=wire.get_float(data, "completed_at"),
-                metrics=wire.get_metrics(data),
+                metrics=wire.get_metrics(data, drop_non_finite=True),
             )
         except wire.InvalidDocument as exc:
             raise InvalidCompletionMarker(f"invalid completion marker: {exc}") from None

@@ -1,8 +1,9 @@
 """Strict parsing of the JSON documents that cross the wire: reports, manifests, markers.
 
 Every document may come from a corrupt file or a hostile sender, so each reader here bounds
-the size and nesting before it trusts anything, rejects NaN and Infinity, and checks each
-field's type and range. Failures raise InvalidDocument, a ValueError, with a one-line message.
+the size and nesting before it trusts anything, rejects NaN and Infinity where the format
+does not allow them, and checks each field's type and range. Failures raise InvalidDocument,
+a ValueError, with a one-line message.
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ class InvalidDocument(ValueError):
     """A JSON document that is malformed, too large, or has a field of the wrong type or range."""
 
 
-def load_object(text: str | bytes, max_bytes: int) -> dict[str, Any]:
-    """Parse text as one JSON object of at most max_bytes, or raise InvalidDocument."""
+def load_object(
+    text: str | bytes, max_bytes: int, *, allow_constants: bool = False
+) -> dict[str, Any]:
+    """Parse text as one JSON object of at most max_bytes, or raise InvalidDocument.
+
+    NaN, Infinity and -Infinity are rejected unless allow_constants is set, and then the
+    field readers decide where a non-finite number may stand.
+    """
     if len(text) > max_bytes:
         raise InvalidDocument(f"document has {len(text)} bytes, more than the limit of {max_bytes}")
+    parse_constant = float if allow_constants else _reject_constant
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=parse_constant)
     except RecursionError:
         raise InvalidDocument("document is nested too deeply") from None
     except UnicodeDecodeError as exc:
@@ -100,8 +108,13 @@ def get_str(
     return value
 
 
-def get_metrics(data: dict[str, Any], name: str = "metrics") -> dict[str, float]:
-    """Return field name as {metric: finite float}, leaving out nulls (non-finite when sent)."""
+def get_metrics(
+    data: dict[str, Any], name: str = "metrics", *, drop_non_finite: bool = False
+) -> dict[str, float]:
+    """Return field name as {metric: finite float}, leaving out nulls (non-finite when sent).
+
+    A non-finite number raises InvalidDocument, or is left out too if drop_non_finite is set.
+    """
     raw = data.get(name)
     if raw is None:
         return {}
@@ -112,8 +125,11 @@ def get_metrics(data: dict[str, Any], name: str = "metrics") -> dict[str, float]
     for key, value in metrics.items():
         if len(key) > MAX_NAME_CHARS:
             raise InvalidDocument(f"{name} has a name longer than {MAX_NAME_CHARS} characters")
-        if value is not None:
-            parsed[key] = finite_float(value, f"{name}[{_show(key)}]")
+        if value is None:
+            continue
+        if drop_non_finite and isinstance(value, float) and not math.isfinite(value):
+            continue
+        parsed[key] = finite_float(value, f"{name}[{_show(key)}]")
     return parsed
 
 

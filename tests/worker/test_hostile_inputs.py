@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gpujobs.supervisor.mailbox import _read
 from gpujobs.supervisor.reports import TokenIssuer
 from tests.worker.processes import run_worker, worker_env
 from worker import protocol
@@ -176,7 +177,9 @@ async def post(base_url: str, body: str | bytes, token: str) -> tuple[int, dict]
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_REPORTS))
-async def test_hostile_report_rejected(report_endpoint, issuer: TokenIssuer, caplog, case: str) -> None:
+async def test_hostile_report_rejected(
+    report_endpoint, issuer: TokenIssuer, caplog, case: str
+) -> None:
     base_url, recorder = report_endpoint
 
     with caplog.at_level(logging.WARNING, logger="gpujobs.supervisor.reports"):
@@ -218,6 +221,43 @@ def test_report_with_nan_metric_round_trips() -> None:
     assert parsed.error.startswith("eee")
 
 
+
+class ArtifactRoot:
+    """The one part of the supervisor that reading a mailbox uses: each job's artifact URI."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def artifact_uri(self, job_id: str) -> str:
+        return f"file://{self.root / job_id}"
+
+
+@pytest.mark.parametrize("case", ["array body", "huge resumed step", "NaN sent_at", "not UTF-8"])
+async def test_hostile_mailbox_ignored(tmp_path: Path, caplog, case: str) -> None:
+    mailbox = tmp_path / "job-a" / protocol.MAILBOX_KEY
+    mailbox.parent.mkdir(parents=True)
+    body = HOSTILE_REPORTS[case]
+    mailbox.write_bytes(body.encode() if isinstance(body, str) else body)
+
+    with caplog.at_level(logging.WARNING, logger="gpujobs.supervisor.mailbox"):
+        report = await _read(ArtifactRoot(tmp_path), "job-a")
+
+    assert report is None
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith("job job-a: the report mailbox holds an invalid report: ")
+
+
+async def test_valid_mailbox_read(tmp_path: Path) -> None:
+    mailbox = tmp_path / "job-a" / protocol.MAILBOX_KEY
+    mailbox.parent.mkdir(parents=True)
+    mailbox.write_text(json.dumps(report_body(resumed_from_step=50)))
+
+    report = await _read(ArtifactRoot(tmp_path), "job-a")
+
+    assert report is not None
+    assert report.resumed_from_step == 50
+
 # --- completion markers --------------------------------------------------------------------
 
 
@@ -230,8 +270,8 @@ HOSTILE_MARKERS = {
     "infinite step": marker_text().replace('"step": 10', '"step": Infinity'),
     "step above 2**53": marker_text(step=MAX_WIRE_INT + 1),
     "huge step": marker_text(step=10**30),
-    "NaN metric": marker_text().replace('"metrics": {}', '"metrics": {"train_loss": NaN}'),
-    "overflowing metric": marker_text().replace('"metrics": {}', '"metrics": {"loss": 1e999}'),
+    "NaN completion time": marker_text().replace('"completed_at": 1.0', '"completed_at": NaN'),
+    "NaN step": marker_text().replace('"step": 10', '"step": NaN'),
     "string metric": marker_text(metrics={"loss": "low"}),
     "array body": "[1]",
     "number body": "7",
@@ -250,6 +290,16 @@ def test_hostile_marker_rejected(case: str) -> None:
     assert isinstance(caught.value, ValueError)
     assert str(caught.value).startswith("invalid completion marker: ")
     assert "\n" not in str(caught.value)
+
+
+def test_marker_drops_non_finite_metrics() -> None:
+    metrics = '{"train_loss": NaN, "loss": 1e999, "low": -Infinity, "test_accuracy": 0.9}'
+    text = marker_text().replace('"metrics": {}', f'"metrics": {metrics}')
+
+    marker = CompletionMarker.from_json(text)
+
+    assert marker.metrics == {"test_accuracy": 0.9}
+    assert marker.step == 10
 
 
 async def test_marker_writes_nan_metric_as_null(tmp_path: Path) -> None:
@@ -288,7 +338,7 @@ def test_marker_of_other_job_ignored(tmp_path: Path) -> None:
 def test_corrupt_marker_exits_bad_checkpoint(tmp_path: Path) -> None:
     store = tmp_path / "store"
     store.mkdir()
-    (store / protocol.COMPLETION_MARKER).write_text(HOSTILE_MARKERS["NaN metric"])
+    (store / protocol.COMPLETION_MARKER).write_text(HOSTILE_MARKERS["infinite step"])
 
     worker = run_worker(["train-digits"], worker_env(store))
 
