@@ -42,9 +42,7 @@ async def open_journal(settings: Settings, *, read_only: bool = False) -> EventS
 def journal_exists(settings: Settings) -> bool:
     """Return whether the journal file exists; raise a one-line error when it cannot be read."""
     try:
-        if settings.home.exists() and not settings.home.is_dir():
-            raise GpujobsError(f"GPUJOBS_HOME={settings.home} is a file, not a folder; point "
-                               "GPUJOBS_HOME to a folder")
+        _reject_file_home(settings.home)
         return settings.journal_path.is_file()
     except OSError as exc:
         raise GpujobsError(f"cannot read GPUJOBS_HOME={settings.home} ({exc.strerror or exc}); "
@@ -53,14 +51,18 @@ def journal_exists(settings: Settings) -> bool:
 
 def make_home(home: Path) -> None:
     """Create the GPUJOBS_HOME folder, or raise a one-line error naming it and the fix."""
-    if home.exists() and not home.is_dir():
-        raise GpujobsError(f"GPUJOBS_HOME={home} is a file, not a folder; point GPUJOBS_HOME "
-                           "to a folder")
     try:
+        _reject_file_home(home)
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GpujobsError(f"cannot create GPUJOBS_HOME={home} ({exc.strerror or exc}); "
                            "point GPUJOBS_HOME to a writable folder") from exc
+
+
+def _reject_file_home(home: Path) -> None:
+    if home.exists() and not home.is_dir():
+        raise GpujobsError(f"GPUJOBS_HOME={home} is a file, not a folder; point GPUJOBS_HOME "
+                           "to a folder")
 
 
 def profiles_in_effect(settings: Settings) -> dict[str, Profile]:

@@ -270,3 +270,35 @@ def test_client_rejects_unsendable_settings(base_url: str, api_key: str, fragmen
         VastClient(api_key=api_key, base_url=base_url)
     assert fragment in str(caught.value)
     assert "secret" not in str(caught.value)
+
+
+def run_as_other_user(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as uid 1000 of a new user namespace, where file permissions apply."""
+    command = " ".join([sys.executable, "-m", "gpujobs.cli", *args])
+    return subprocess.run(["unshare", "--map-user=1000", "--map-group=1000", "sh", "-c", command],
+                          capture_output=True, text=True, timeout=60, env=_env(home))
+
+
+@pytest.mark.skipif(not can_mount_read_only(), reason="needs unshare for a user namespace")
+def test_unreadable_home(home_with_job: Path) -> None:
+    home = home_with_job / "home"
+    home.chmod(0)
+    try:
+        for args in (["status"], ["audit"], ["audit", "verify"], ["audit", "sql", "'SELECT 1'"]):
+            done = run_as_other_user(args, home)
+            assert_one_line_error(done, f"cannot read GPUJOBS_HOME={home} (Permission denied)",
+                                  "fix its permissions")
+    finally:
+        home.chmod(0o755)
+
+
+@pytest.mark.skipif(not can_mount_read_only(), reason="needs unshare for a user namespace")
+def test_home_in_unwritable_folder(tmp_path: Path) -> None:
+    parent = tmp_path / "locked"
+    parent.mkdir(mode=0o555)
+    try:
+        done = run_as_other_user(["submit", "--profile", "dev-test"], parent / "home")
+        assert_one_line_error(done, f"cannot create GPUJOBS_HOME={parent / 'home'}",
+                              "Permission denied", "writable folder")
+    finally:
+        parent.chmod(0o755)
