@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from worker import protocol
+from worker import protocol, wire
 from worker.errors import WorkerError
 from worker.storage import InvalidKey, Storage, open_storage, validate_key
 
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_KEY = "manifest.json"
 FILES_DIR = "files"
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
+# About 150 bytes a file, so room for several hundred thousand files.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -74,13 +76,13 @@ class DatasetManifest:
     def from_json(cls, text: str | bytes) -> DatasetManifest:
         """Parse a manifest; raises DatasetCorrupt when it is invalid."""
         try:
-            data = json.loads(text)
+            data = wire.load_object(text, MAX_MANIFEST_BYTES)
             files = tuple(
                 DatasetFile(str(item["path"]), int(item["size_bytes"]), str(item["sha256"]))
                 for item in data["files"]
             )
             return cls(files, float(data.get("created_at", 0.0)), int(data["format_version"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise DatasetCorrupt(f"invalid dataset manifest: {exc!r}") from exc
 
 

@@ -17,6 +17,7 @@ from worker import protocol
 from worker.artifacts import write_final_artifacts
 from worker.checkpoint_store import list_checkpoints, load_latest_checkpoint, write_checkpoint
 from worker.config import WorkerConfig
+from worker.datasets import DatasetCorrupt, DatasetManifest
 from worker.errors import ConfigError
 from worker.protocol import CompletionMarker, InvalidCompletionMarker, Report, ReportKind
 from worker.storage import LocalStorage
@@ -392,3 +393,22 @@ def test_invalid_setting_exits_78(tmp_path: Path, name: str, value: str) -> None
     assert "Traceback" not in worker.output()
     assert not (tmp_path / "store" / protocol.MAILBOX_KEY).exists()
 
+
+
+# --- dataset manifests ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 5000 + "]" * 5000,
+        '{"files": [{"path": "a", "size_bytes": 1e400, "sha256": "x"}], "format_version": 1}',
+        "[1]",
+        '{"files": [], "format_version": NaN}',
+    ],
+)
+def test_hostile_dataset_manifest_rejected(text: str) -> None:
+    with pytest.raises(DatasetCorrupt) as caught:
+        DatasetManifest.from_json(text)
+
+    assert str(caught.value).startswith("invalid dataset manifest: ")
