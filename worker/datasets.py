@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_KEY = "manifest.json"
 FILES_DIR = "files"
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
-# About 150 bytes a file, so room for several hundred thousand files.
+# Each file takes roughly 150 bytes (an estimate for short paths), so about 400,000 files fit.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 

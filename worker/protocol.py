@@ -150,8 +150,8 @@ class Report:
     protocol_version: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
-        """Encode the report so that from_json accepts it: non-finite metrics become null and
-        an error longer than wire.MAX_TEXT_CHARS is cut."""
+        """Encode the report as strict JSON, which from_json requires: non-finite metrics
+        become null and an error longer than wire.MAX_TEXT_CHARS is cut."""
         data = asdict(self)
         data["metrics"] = wire.encode_metrics(self.metrics)
         if self.error is not None and len(self.error) > wire.MAX_TEXT_CHARS:
