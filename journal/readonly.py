@@ -1,6 +1,6 @@
-"""Ad-hoc read-only SQL over a journal file, for audits.
+"""Read-only connections to a journal file, and ad-hoc read-only SQL over it, for audits.
 
-Three layers keep the file unchanged: the file is opened with the URI `mode=ro`, the connection
+Three layers keep the file unchanged by ad-hoc SQL: the file is opened with the URI `mode=ro`, the connection
 sets `PRAGMA query_only`, and an authorizer denies every action that writes. The authorizer is
 what lets the error name the statement kind; the other two also stop what it might miss.
 """
@@ -149,8 +149,8 @@ def run_readonly_query(
 ) -> tuple[list[str], list[tuple]]:
     """Run one read-only statement on the journal at `path`; return column names and rows.
 
-    `limits` bounds the statement's run time and the rows it returns; QueryTimedOut and
-    TooManyRows name the limit that was reached.
+    `limits` bounds the statement's run time and the rows it returns. Reaching either raises
+    InvalidQuery, whose message names the limit and the `gpujobs audit sql` option that sets it.
     """
     conn = connect_readonly(path)
     try:

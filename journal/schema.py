@@ -72,10 +72,7 @@ def migrate(conn: sqlite3.Connection, path: str | Path, target: int = LATEST_SCH
     try:
         start = conn.execute("PRAGMA user_version").fetchone()[0]
         if start > LATEST_SCHEMA_VERSION:
-            raise SchemaTooNew(
-                f"journal {path} has schema version {start}, but this code knows versions up "
-                f"to {LATEST_SCHEMA_VERSION}; open it with a newer release of the journal package"
-            )
+            raise _schema_too_new(path, start)
         for version in range(start + 1, target + 1):
             for statement in MIGRATIONS[version - 1]:
                 conn.execute(statement)
@@ -87,6 +84,13 @@ def migrate(conn: sqlite3.Connection, path: str | Path, target: int = LATEST_SCH
     if start < target:
         logger.info("journal %s migrated from schema version %d to %d", path, start, target)
     return start
+
+
+def _schema_too_new(path: str | Path, version: int) -> SchemaTooNew:
+    return SchemaTooNew(
+        f"journal {path} has schema version {version}, but this code knows versions up "
+        f"to {LATEST_SCHEMA_VERSION}; open it with a newer release of the journal package"
+    )
 
 
 def _user_tables(conn: sqlite3.Connection) -> list[str]:
@@ -119,10 +123,7 @@ def check_readable(conn: sqlite3.Connection, path: str | Path, tables: Sequence[
     if "events" not in existing:
         raise CorruptJournal(f"{path} has no events table, so it is not a journal file")
     if version > LATEST_SCHEMA_VERSION:
-        raise SchemaTooNew(
-            f"journal {path} has schema version {version}, but this code knows versions up "
-            f"to {LATEST_SCHEMA_VERSION}; open it with a newer release of the journal package"
-        )
+        raise _schema_too_new(path, version)
     missing = [table for table in tables if table not in existing]
     if version < LATEST_SCHEMA_VERSION or missing:
         raise JournalError(
