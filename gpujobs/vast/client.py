@@ -34,9 +34,13 @@ def find_api_key(api_key: str | None = None) -> str | None:
     home = Path.home()
     for path in (home / ".config" / "vastai" / "vast_api_key", home / ".vast_api_key"):
         try:
-            key = path.read_text().strip()
+            key = path.read_text(encoding="utf-8").strip()
         except OSError:
             continue
+        except UnicodeDecodeError:
+            raise errors.VastError(
+                f"Vast.ai key file {path} is not UTF-8 text; write the key alone to it"
+            ) from None
         if key:
             return key
     return None

@@ -302,3 +302,12 @@ def test_home_in_unwritable_folder(tmp_path: Path) -> None:
                               "Permission denied", "writable folder")
     finally:
         parent.chmod(0o755)
+
+
+def test_key_file_not_utf8(tmp_path: Path) -> None:
+    key_file = tmp_path / "user" / ".config" / "vastai" / "vast_api_key"
+    key_file.parent.mkdir(parents=True)
+    key_file.write_bytes(b"secret\xff\n")
+    done = run(["supervise"], tmp_path, HOME=str(tmp_path / "user"), VAST_API_KEY="")
+    assert_one_line_error(done, f"Vast.ai key file {key_file} is not UTF-8 text")
+    assert "secret" not in done.stderr
