@@ -93,3 +93,35 @@ async def live_stack(home: Path, *, faults: FaultPlan | None = None, time_scale:
         await supervisor.stop()
         await client.close()
         await emulator.stop()
+
+
+async def wait_for_checkpoint(stack: Stack, job_id: str) -> int:
+    """Wait until the job runs with a durable checkpoint; return its instance id."""
+
+    def checkpointed() -> bool:
+        job = stack.job(job_id)
+        return bool(job and job["state"] == "running" and job["last_checkpoint_step"])
+
+    await stack.wait_for(checkpointed, what="first checkpoint")
+    return int(stack.job(job_id)["instance_id"])
+
+
+async def stop_supervisor(stack: Stack) -> None:
+    stack.supervisor.request_stop()
+    if stack.loop_task is not None:
+        await asyncio.gather(stack.loop_task, return_exceptions=True)
+        stack.loop_task = None
+    await stack.supervisor.stop()
+
+
+async def start_new_supervisor(stack: Stack) -> None:
+    """Start a fresh supervisor on the same journal, emulator and client: nothing in memory.
+
+    The caller stops it with `stop_supervisor`, because the stack's teardown stops only the
+    supervisor it started.
+    """
+    old = stack.supervisor
+    stack.supervisor = Supervisor(stack.settings, stack.client,
+                                  billing_time_scale=old.billing_time_scale,
+                                  intent_timeout_s=old.intent_timeout_s)
+    await stack.supervisor.start()

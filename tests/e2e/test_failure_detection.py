@@ -18,8 +18,9 @@ import pytest
 from gpujobs.jobs import list_jobs
 from gpujobs.settings import load_settings
 from gpujobs.supervisor import reconcile, recovery, watch
-from tests.e2e.harness import Stack, live_stack
-from tests.e2e.test_same_host_resume import start_new_supervisor, stop_supervisor
+from tests.e2e.harness import (
+    Stack, live_stack, start_new_supervisor, stop_supervisor, wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -64,21 +65,12 @@ def worker_group(stack: Stack, instance_id: int) -> int:
     return instance.process.pid
 
 
-async def running_with_checkpoint(stack: Stack, job_id: str) -> int:
-    def ready() -> bool:
-        job = stack.job(job_id)
-        return bool(job and job["state"] == "running" and job["last_checkpoint_step"])
-
-    await stack.wait_for(ready, what="a running job with a checkpoint")
-    return int(stack.job(job_id)["instance_id"])
-
-
 async def test_silent_worker_is_abandoned(tmp_path: Path) -> None:
     async with live_stack(tmp_path / "home", heartbeat_timeout_s=3.0,
                           unreachable_grace_s=3.0) as stack:
         stack.start_loop()
         job_id = await stack.submit(total_steps=400, step_delay_s=0.01)
-        instance_id = await running_with_checkpoint(stack, job_id)
+        instance_id = await wait_for_checkpoint(stack, job_id)
         os.killpg(worker_group(stack, instance_id), signal.SIGSTOP)  # alive, but silent
 
         job = await stack.wait_settled(job_id, timeout_s=180)
@@ -105,7 +97,7 @@ async def test_short_silence_is_tolerated(tmp_path: Path) -> None:
                           unreachable_grace_s=120.0) as stack:
         stack.start_loop()
         job_id = await stack.submit(total_steps=300, step_delay_s=0.01)
-        instance_id = await running_with_checkpoint(stack, job_id)
+        instance_id = await wait_for_checkpoint(stack, job_id)
         group = worker_group(stack, instance_id)
         os.killpg(group, signal.SIGSTOP)
         await wait_for_event(stack, job_id, "WorkerUnreachable")
@@ -208,7 +200,7 @@ async def test_bad_sweep_recovers_nothing(tmp_path: Path, fault: str) -> None:
         client.list_instances_page = bad_sweep  # type: ignore[method-assign]
         stack.start_loop()
         job_id = await stack.submit(total_steps=400, step_delay_s=0.01)
-        instance_id = await running_with_checkpoint(stack, job_id)
+        instance_id = await wait_for_checkpoint(stack, job_id)
         target["shows_before"] = stack.emulator.request_count(SHOW_ENDPOINT)
         target["id"] = instance_id
 
@@ -230,7 +222,7 @@ async def test_offline_instance_is_recovered(tmp_path: Path) -> None:
     async with live_stack(tmp_path / "home") as stack:
         stack.start_loop()
         job_id = await stack.submit(total_steps=300, step_delay_s=0.01)
-        instance_id = await running_with_checkpoint(stack, job_id)
+        instance_id = await wait_for_checkpoint(stack, job_id)
         shows_before = stack.emulator.request_count(SHOW_ENDPOINT)
         await stack.emulator.set_offline(instance_id)
 
@@ -254,7 +246,7 @@ async def test_recovery_held_by_limit_is_queued(tmp_path: Path, monkeypatch) -> 
     async with live_stack(home, config_dirs=load_settings(home=home).config_dirs) as stack:
         stack.start_loop()
         low = await stack.submit(name="low", priority=0, total_steps=400, step_delay_s=0.01)
-        instance_id = await running_with_checkpoint(stack, low)
+        instance_id = await wait_for_checkpoint(stack, low)
         high = await stack.submit(name="high", priority=5, total_steps=150)
         await stack.emulator.set_offline(instance_id)
         # The freed slot goes to the higher priority job; the preempted one waits in the queue.
@@ -280,7 +272,7 @@ async def test_stop_grace_holds_across_restart(tmp_path: Path) -> None:
     async with live_stack(tmp_path / "home") as stack:
         stack.start_loop()
         job_id = await stack.submit(total_steps=400, step_delay_s=0.01, grace_period_s=1.0)
-        instance_id = await running_with_checkpoint(stack, job_id)
+        instance_id = await wait_for_checkpoint(stack, job_id)
         os.killpg(worker_group(stack, instance_id), signal.SIGSTOP)  # it never reads the stop request
         await stack.supervisor.stop_job(job_id, "max duration reached")
         await stop_supervisor(stack)
@@ -317,7 +309,7 @@ async def test_unlisted_instance_checked_by_show(tmp_path: Path) -> None:
     async with live_stack(tmp_path / "home") as stack:
         stack.start_loop()
         job_id = await stack.submit(total_steps=400, step_delay_s=0.01)
-        instance_id = await running_with_checkpoint(stack, job_id)
+        instance_id = await wait_for_checkpoint(stack, job_id)
         stack.supervisor.request_stop()
         await asyncio.gather(stack.loop_task, return_exceptions=True)
         stack.loop_task = None

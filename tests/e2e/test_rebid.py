@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gpujobs.settings import load_settings
-from tests.e2e.harness import live_stack
+from tests.e2e.harness import live_stack, wait_for_checkpoint
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -44,13 +44,7 @@ async def outbid_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     async with live_stack(home, config_dirs=load_settings(home=home).config_dirs) as stack:
         stack.start_loop()
         job_id = await stack.submit(profile="spot", total_steps=300, step_delay_s=0.01)
-
-        def checkpointed() -> bool:
-            job = stack.job(job_id)
-            return bool(job and job["state"] == "running" and job["last_checkpoint_step"])
-
-        await stack.wait_for(checkpointed, what="first checkpoint")
-        instance_id = int(stack.job(job_id)["instance_id"])
+        instance_id = await wait_for_checkpoint(stack, job_id)
         emulated = stack.emulator.fleet.instances[instance_id]
         if min_bid is not None:
             emulated.offer["min_bid"] = min_bid  # the market moved: bids must now reach this

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from gpujobs.settings import load_settings
-from gpujobs.supervisor.core import Supervisor
-from tests.e2e.harness import Stack, live_stack
+from tests.e2e.harness import (
+    Stack, live_stack, start_new_supervisor, stop_supervisor, wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,13 +40,7 @@ def use_profile(tmp_path: Path, monkeypatch, policy: str, wait_s: float) -> Path
 async def preempt_after_checkpoint(stack: Stack) -> tuple[str, int]:
     """Submit a spot job, outbid its instance once it has a checkpoint; return both ids."""
     job_id = await stack.submit(profile="spot", total_steps=300, step_delay_s=0.01)
-
-    def checkpointed() -> bool:
-        job = stack.job(job_id)
-        return bool(job and job["state"] == "running" and job["last_checkpoint_step"])
-
-    await stack.wait_for(checkpointed, what="first checkpoint")
-    instance_id = int(stack.job(job_id)["instance_id"])
+    instance_id = await wait_for_checkpoint(stack, job_id)
     await stack.emulator.preempt(instance_id, sigterm=True, grace_s=2.0)
     await stack.wait_for(lambda: stack.state(job_id) == "preempted", what="preempted")
     return job_id, instance_id
@@ -88,27 +83,6 @@ async def test_wait_policy_migrates_after_the_limit(tmp_path: Path, monkeypatch)
     assert job["attempt"] == 2
     assert len(ledger) == 2
     assert all(row["destroyed_at"] is not None for row in ledger)
-
-
-async def stop_supervisor(stack: Stack) -> None:
-    stack.supervisor.request_stop()
-    if stack.loop_task is not None:
-        await asyncio.gather(stack.loop_task, return_exceptions=True)
-        stack.loop_task = None
-    await stack.supervisor.stop()
-
-
-async def start_new_supervisor(stack: Stack) -> None:
-    """Start a fresh supervisor on the same journal, emulator and client: nothing in memory.
-
-    The caller stops it with `stop_supervisor`, because the stack's teardown stops only the
-    supervisor it started.
-    """
-    old = stack.supervisor
-    stack.supervisor = Supervisor(stack.settings, stack.client,
-                                  billing_time_scale=old.billing_time_scale,
-                                  intent_timeout_s=old.intent_timeout_s)
-    await stack.supervisor.start()
 
 
 async def test_wait_limit_holds_across_restart(tmp_path: Path, monkeypatch) -> None:
