@@ -30,9 +30,7 @@ async def build_report(settings: Settings, by: str, since: float | None, until: 
     """Read the journal once; returns the rows and, if asked, the reconcile rows."""
     from gpujobs.jobs import open_journal
 
-    if not settings.journal_path.exists():
-        raise GpujobsError(f"no journal at {settings.journal_path}; check GPUJOBS_HOME")
-    store = await open_journal(settings)
+    store = await open_journal(settings, read_only=True)
     try:
         costs = await load_job_costs(store)
     finally:

@@ -34,11 +34,11 @@ def broad_query(profile: Profile) -> dict[str, Any]:
 
 async def failed_hosts(settings: Settings) -> dict[int, str]:
     """Hosts that failed jobs recently, from the journal if there is one."""
-    if not settings.journal_path.exists():
-        return {}
-    from gpujobs.jobs import open_journal
+    from gpujobs.jobs import journal_exists, open_journal
 
-    store = await open_journal(settings)
+    if not journal_exists(settings):
+        return {}
+    store = await open_journal(settings, read_only=True)
     try:
         return await load_failed_hosts(store)
     finally:

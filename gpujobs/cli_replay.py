@@ -35,7 +35,7 @@ def replay_command(settings: Settings, job: str | None, at: str | None, all_jobs
 
 
 async def _replay_one(settings: Settings, job_id: str, at: float | None) -> Any:
-    store = await open_journal(settings)
+    store = await open_journal(settings, read_only=True)
     try:
         return await replay_job(store, job_id, at=at, journal_path=str(settings.journal_path))
     finally:
@@ -57,7 +57,7 @@ def _print_replay(result: Any) -> None:
 
 
 async def _replay_all(settings: Settings, check: bool, json_output: bool) -> None:
-    store = await open_journal(settings)
+    store = await open_journal(settings, read_only=True)
     try:
         count, differences = await check_projections(store)
     finally:

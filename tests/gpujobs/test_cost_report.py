@@ -200,7 +200,8 @@ async def test_command_without_journal(tmp_path: Path, monkeypatch) -> None:
     result = await asyncio.to_thread(CliRunner().invoke, command_app(), [])
     assert result.exit_code != 0
     assert str(result.exception) == (f"no journal at {tmp_path / 'empty' / 'journal.db'}; "
-                                     "check GPUJOBS_HOME")
+                                     "submit a job first or check GPUJOBS_HOME")
+    assert not (tmp_path / "empty").exists()
 
 
 def test_plot_writes_png(tmp_path: Path) -> None:
