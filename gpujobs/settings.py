@@ -27,6 +27,9 @@ class Settings:
     heartbeat_timeout_s: float = 60.0  # silence after which a worker counts as unreachable
     unreachable_grace_s: float = 120.0  # further silence before the attempt is given up
     stall_timeout_s: float = 1800.0  # heartbeats without progress for this long: hung
+    # Time a running instance's worker has to send its first report. Generous, because a first
+    # start may download a dataset or compile kernels before the worker reports.
+    first_report_timeout_s: float = 900.0
     report_host: str = "127.0.0.1"
     report_port: int = 0  # 0 picks a free port
     public_report_url: str | None = None  # what workers use to reach the report endpoint

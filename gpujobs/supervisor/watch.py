@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from gpujobs import events as ev
 from gpujobs.profiles import Profile
 from gpujobs.projections import CREATE_FAILED, CREATED, DESTROYED, WORKER_ERROR
-from gpujobs.settings import Settings
 from gpujobs.supervisor import instances as inst
 from gpujobs.supervisor import provision
 from gpujobs.vast import errors as vast_errors
@@ -36,17 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOST_STATUSES = ("exited", "stopped", "offline", "unknown", "frozen")
-# Time a running instance's worker has to send its first report. Generous, because a first
-# start may download a dataset or compile kernels before the worker reports.
-DEFAULT_FIRST_REPORT_TIMEOUT_S = 900.0
-
-
-def first_report_timeout_s(settings: Settings) -> float:
-    # NOTE: Settings has no first_report_timeout_s field yet, so only the default applies
-    # until one is added there.
-    return float(getattr(settings, "first_report_timeout_s", DEFAULT_FIRST_REPORT_TIMEOUT_S))
-
-
 async def watch_provisioning(sup: Supervisor, job_id: str, instance: Instance | None,
                               found: InstanceView | None) -> None:
     job = sup.table.jobs[job_id]
@@ -110,7 +98,7 @@ async def _check_first_report(sup: Supervisor, job_id: str, row: dict[str, Any],
     now = time.time()
     if state.running_since is None:
         state.running_since = now
-    timeout_s = first_report_timeout_s(sup.settings)
+    timeout_s = sup.settings.first_report_timeout_s
     if state.reported_at is not None or now - state.running_since <= timeout_s:
         return
     log.warning("job %s attempt %s: instance %d runs but its worker sent no report in %.0f s",

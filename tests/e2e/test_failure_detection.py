@@ -17,7 +17,7 @@ import pytest
 
 from gpujobs.jobs import list_jobs
 from gpujobs.settings import load_settings
-from gpujobs.supervisor import reconcile, recovery, watch
+from gpujobs.supervisor import reconcile, recovery
 from tests.e2e.harness import (
     Stack, live_stack, start_new_supervisor, stop_supervisor, wait_for_checkpoint,
 )
@@ -140,16 +140,15 @@ async def test_hung_worker_is_restarted(tmp_path: Path) -> None:
         assert all(row["destroyed_at"] is not None for row in stack.emulator.ledger())
 
 
-async def test_missing_first_report_restarts(tmp_path: Path, monkeypatch) -> None:
+async def test_missing_first_report_restarts(tmp_path: Path) -> None:
     # The first attempt's command runs but never starts a worker, so nothing reports.
     command = f'if [ "$GPUJOBS_ATTEMPT" = 1 ]; then exec sleep 600; fi; exec {WORKER}'
-    monkeypatch.setattr(watch, "DEFAULT_FIRST_REPORT_TIMEOUT_S", 3.0)
-    async with live_stack(tmp_path / "home") as stack:
+    async with live_stack(tmp_path / "home", first_report_timeout_s=3.0) as stack:
         stack.start_loop()
         job_id = await stack.submit(command=command, total_steps=100)
         failure = await wait_for_event(stack, job_id, "ProvisioningFailed")
         # The next worker imports torch before its first report; give it the usual time.
-        monkeypatch.setattr(watch, "DEFAULT_FIRST_REPORT_TIMEOUT_S", 900.0)
+        stack.supervisor.settings = stack.supervisor.settings.replace(first_report_timeout_s=900.0)
 
         job = await stack.wait_settled(job_id, timeout_s=180)
 
