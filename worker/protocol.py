@@ -182,7 +182,7 @@ class Report:
             raise wire.InvalidDocument(f"kind={kind[:60]!r} is not a report kind")
         error = data.get("error")
         if error is not None:
-            error = wire.get_str(data, "error", max_chars=wire.MAX_TEXT_CHARS)
+            error = wire.get_str(data, "error", min_chars=0, max_chars=wire.MAX_TEXT_CHARS)
         return cls(
             job_id=wire.get_str(data, "job_id"),
             attempt=wire.get_int(data, "attempt"),
@@ -190,7 +190,7 @@ class Report:
             step=wire.get_int(data, "step"),
             total_steps=wire.get_int(data, "total_steps"),
             sent_at=wire.get_float(data, "sent_at"),
-            last_checkpoint=CheckpointRef.from_dict(checkpoint) if checkpoint else None,
+            last_checkpoint=None if checkpoint is None else CheckpointRef.from_dict(checkpoint),
             checkpointing_step=wire.get_optional_int(data, "checkpointing_step"),
             resumed_from_step=wire.get_optional_int(data, "resumed_from_step"),
             metrics=wire.get_metrics(data),

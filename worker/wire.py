@@ -97,14 +97,21 @@ def finite_float(value: Any, name: str) -> float:
 
 
 def get_str(
-    data: dict[str, Any], name: str, default: str | None = None, *, max_chars: int = MAX_NAME_CHARS
+    data: dict[str, Any],
+    name: str,
+    default: str | None = None,
+    *,
+    min_chars: int = 1,
+    max_chars: int = MAX_NAME_CHARS,
 ) -> str:
-    """Return field name as a string of 1..max_chars characters."""
+    """Return field name as a string of min_chars..max_chars characters."""
     value = _get(data, name, default)
     if not isinstance(value, str):
         raise InvalidDocument(f"{name} must be a string, not {_show(value)}")
-    if not 0 < len(value) <= max_chars:
-        raise InvalidDocument(f"{name} must have 1 to {max_chars} characters, not {len(value)}")
+    if not min_chars <= len(value) <= max_chars:
+        raise InvalidDocument(
+            f"{name} must have {min_chars} to {max_chars} characters, not {len(value)}"
+        )
     return value
 
 
@@ -123,8 +130,8 @@ def get_metrics(
         raise InvalidDocument(f"{name} has {len(metrics)} entries, more than {MAX_METRICS}")
     parsed: dict[str, float] = {}
     for key, value in metrics.items():
-        if len(key) > MAX_NAME_CHARS:
-            raise InvalidDocument(f"{name} has a name longer than {MAX_NAME_CHARS} characters")
+        if not isinstance(key, str) or len(key) > MAX_NAME_CHARS:
+            raise InvalidDocument(f"{name} names must be strings of at most {MAX_NAME_CHARS} chars")
         if value is None:
             continue
         if drop_non_finite and isinstance(value, float) and not math.isfinite(value):

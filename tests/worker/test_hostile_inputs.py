@@ -161,6 +161,8 @@ HOSTILE_REPORTS: dict[str, str | bytes] = {
     "exit code 256": json.dumps(report_body(exit_code=256)),
     "checkpoint huge step": json.dumps(report_body(last_checkpoint=checkpoint_body(step=10**30))),
     "checkpoint array": json.dumps(report_body(last_checkpoint=[1])),
+    "checkpoint empty": json.dumps(report_body(last_checkpoint={})),
+    "checkpoint bad digest": json.dumps(report_body(last_checkpoint=checkpoint_body(sha256="ab"))),
     "missing field": json.dumps(report_body(step=None)).replace('"step": null, ', ""),
     "deep nesting": "[" * 50_000 + "]" * 50_000,
     "oversized": json.dumps(report_body(padding="x" * 100_000)),
@@ -258,6 +260,15 @@ async def test_valid_mailbox_read(tmp_path: Path) -> None:
 
     assert report is not None
     assert report.resumed_from_step == 50
+
+def test_empty_error_accepted() -> None:
+    body = json.dumps(report_body(kind="failed", error="", exit_code=1))
+
+    report = Report.from_json(body)
+
+    assert report.error == ""
+    assert report.exit_code == 1
+
 
 # --- completion markers --------------------------------------------------------------------
 
