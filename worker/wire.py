@@ -131,7 +131,8 @@ def get_metrics(
     parsed: dict[str, float] = {}
     for key, value in metrics.items():
         if not isinstance(key, str) or len(key) > MAX_NAME_CHARS:
-            raise InvalidDocument(f"{name} names must be strings of at most {MAX_NAME_CHARS} chars")
+            limit = MAX_NAME_CHARS
+            raise InvalidDocument(f"{name} names must be strings of at most {limit} characters")
         if value is None:
             continue
         if drop_non_finite and isinstance(value, float) and not math.isfinite(value):
