@@ -107,7 +107,8 @@ async def test_marker_completes_job_without_report(tmp_path: Path, caplog) -> No
         await stack.supervisor.reports.stop()
         await stack.wait_for(lambda: stack.emulator.ledger()[0]["status"] != "running",
                              what="the worker to exit")
-        assert stack.state(job_id) == "running"
+        # The next tick may already have seen the exit, so the state is not checked here; the
+        # log line below shows that the marker, not a report, completed the job.
 
         job = await stack.wait_settled(job_id)
         assert job["state"] == "done"
