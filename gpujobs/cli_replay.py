@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gpujobs.errors import GpujobsError
-from gpujobs.jobs import open_journal
+from gpujobs.errors import GpujobsError, JobNotFound
+from gpujobs.jobs import journal_exists, open_journal
 from gpujobs.replay import check_projections, replay_job
 from gpujobs.settings import Settings
 
@@ -35,6 +35,8 @@ def replay_command(settings: Settings, job: str | None, at: str | None, all_jobs
 
 
 async def _replay_one(settings: Settings, job_id: str, at: float | None) -> Any:
+    if not journal_exists(settings):
+        raise JobNotFound(job_id, str(settings.journal_path))
     store = await open_journal(settings, read_only=True)
     try:
         return await replay_job(store, job_id, at=at, journal_path=str(settings.journal_path))
