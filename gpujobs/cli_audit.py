@@ -168,7 +168,7 @@ def audit_sql(
     timeout_s: float = typer.Option(
         30.0, "--timeout-s", help="Seconds the query may run before it is stopped."),
     max_rows: int = typer.Option(
-        10_000, "--max-rows", help="Most rows to print; a query returning more is rejected."),
+        10_000, "--max-rows", help="Maximum number of rows to print; a query returning more is rejected."),
 ) -> None:
     """Run a read-only SQL query against the journal, its tables and views."""
     from journal import QueryLimits, run_readonly_query

@@ -188,7 +188,7 @@ class Supervisor:
     async def completion_marker(self, job_id: str) -> CompletionMarker | None:
         """Return the job's completion marker, or None when it is missing or not valid.
 
-        A marker that does not parse, names another job, or holds a step or metric that the
+        A marker that does not parse, names another job, or contains a step or metric that the
         journal cannot store is logged once per job and ignored, so one damaged file can
         neither crash the supervisor nor keep the job from running.
         """

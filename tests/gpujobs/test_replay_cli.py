@@ -149,8 +149,10 @@ def test_audit_sql_prints_table(home):
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if "job-" in line]
     assert len(lines) == 2
-    assert "job-a" in lines[0] and "done" in lines[0]
-    assert "job-b" in lines[1] and "done" in lines[1]
+    assert "job-a" in lines[0]
+    assert "done" in lines[0]
+    assert "job-b" in lines[1]
+    assert "done" in lines[1]
 
 
 def test_audit_head_then_verify(home):
