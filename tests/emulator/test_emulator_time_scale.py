@@ -51,8 +51,9 @@ async def test_fault_delay_follows_time_scale(tmp_path):
 
 
 async def test_grace_follows_time_scale(tmp_path):
-    # The command ignores SIGTERM, so only the SIGKILL at the end of the grace stops it.
-    emu = await started(tmp_path, [{"kind": "preempt", "after_s": 0.0, "sigterm": True,
+    # The command ignores SIGTERM, so only the SIGKILL at the end of the grace stops it. The
+    # preemption waits two real seconds, so that the shell has set its trap on a busy machine.
+    emu = await started(tmp_path, [{"kind": "preempt", "after_s": 2 * HOUR_S, "sigterm": True,
                                     "grace_s": HOUR_S, "instance": "first"}])
     try:
         async with client_for(emu) as vast:
