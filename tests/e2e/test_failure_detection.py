@@ -314,7 +314,7 @@ async def test_unlisted_instance_checked_by_show(tmp_path: Path) -> None:
         stack.loop_task = None
         shows_before = stack.emulator.request_count(SHOW_ENDPOINT)
 
-        for _ in range(3):  # the second missed sweep asks show, which resets the count
+        for _ in range(3):  # the second missed sweep calls show, which resets the count
             view = reconcile.InstanceView(complete=True)  # a finished sweep that lacks it
             await reconcile._settle_missing(stack.supervisor, view)
 
