@@ -4,11 +4,12 @@
     python bench/bench_journal.py --events 20000 --replay-events 100000   # a quick one
 
 1. Append: `--events` one-event appends from `--tasks` concurrent asyncio tasks, with the hash
-   chain and a one-row-per-stream projection, at synchronous FULL and NORMAL; then the same
-   with 10 events per append. Baselines: sqlite3 executemany of the same rows in one
-   transaction; the same rows with one commit per `--tasks` rows, which is the transaction
-   shape of one-event appends from that many tasks; and the eventsourcing library's SQLite
-   persistence with one save() per event, checked to run at synchronous FULL.
+   chain and a one-row-per-stream projection (one executemany per transaction through
+   `apply_many`), at synchronous FULL and NORMAL; then at FULL with the projection's per-event
+   `apply` only, and with 10 events per append. Baselines: sqlite3 executemany of the same
+   rows in one transaction; the same rows with one commit per `--tasks` rows, which is the
+   transaction shape of one-event appends from that many tasks; and the eventsourcing
+   library's SQLite persistence with one save() per event, checked to run at synchronous FULL.
 2. Replay: read `--replay-events` events of `--replay-streams` streams and fold them, against a
    plain sqlite3 read of the same rows with json.loads and the same fold.
 """
@@ -35,7 +36,13 @@ from journal.schema import configure_writer, migrate  # noqa: E402
 _RAW_INSERT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
 
 
-class StreamTotals:
+_UPSERT_TOTAL = (
+    "INSERT INTO stream_totals VALUES (?, ?) "
+    "ON CONFLICT (stream) DO UPDATE SET total = total + excluded.total"
+)
+
+
+class StreamTotalsPerEvent:
     """The small projection of the append benchmark: one upserted row per stream."""
 
     name = "stream_totals"
@@ -47,19 +54,23 @@ class StreamTotals:
         )
 
     def apply(self, conn: sqlite3.Connection, event: RecordedEvent) -> None:
-        conn.execute(
-            "INSERT INTO stream_totals VALUES (?, ?) "
-            "ON CONFLICT (stream) DO UPDATE SET total = total + excluded.total",
-            (event.stream, event.data["n"]),
-        )
+        conn.execute(_UPSERT_TOTAL, (event.stream, event.data["n"]))
+
+
+class StreamTotals(StreamTotalsPerEvent):
+    """The same projection, writing each transaction's events with one executemany."""
+
+    def apply_many(self, conn: sqlite3.Connection, events: list[RecordedEvent]) -> None:
+        conn.executemany(_UPSERT_TOTAL, [(event.stream, event.data["n"]) for event in events])
 
 
 async def append_from_tasks(
-    path: Path, events: int, tasks: int, synchronous: str, per_append: int = 1
+    path: Path, events: int, tasks: int, synchronous: str, per_append: int = 1,
+    projection: type[StreamTotalsPerEvent] = StreamTotals,
 ) -> float:
     """Return events/s of appends of `per_append` events from `tasks` concurrent tasks."""
     appends_per_task = events // tasks // per_append
-    store = await EventStore.open(path, projections=[StreamTotals()], synchronous=synchronous)
+    store = await EventStore.open(path, projections=[projection()], synchronous=synchronous)
 
     async def run_task(task: int) -> None:
         stream = f"job-{task}"
@@ -240,6 +251,10 @@ async def main() -> None:
                         f"{args.tasks} rows", shape, f"journal/raw = {ours / shape:.2f}"))
         if synchronous == "FULL":
             full = ours
+    per_event = await append_from_tasks(folder / "append-apply.db", args.events, args.tasks,
+                                        "FULL", projection=StreamTotalsPerEvent)
+    results.append(("append, synchronous=FULL, projection without apply_many: journal",
+                    per_event, ""))
     grouped = await append_from_tasks(folder / "append-10.db", args.events, args.tasks, "FULL", 10)
     grouped_raw = raw_executemany(folder / "append-10.db", folder / "raw-10.db", "FULL")
     results.append(("append 10 events per call, synchronous=FULL: journal", grouped,

@@ -55,6 +55,12 @@ class Projection(Protocol):
 
     `apply` runs on the writer's connection inside its open transaction, so it must not commit,
     roll back or begin a transaction. If it raises, only the append that caused it is rolled back.
+
+    A projection may also define `apply_many(conn, events)`, which gets all events of a
+    transaction at once, in seq order, and must leave its tables as `apply` on each would. The
+    writer then calls it instead of `apply`, so that it can write with one executemany. Each
+    projection gets the transaction's events after the previous projection got all of them, so
+    a projection reads only its own tables.
     """
 
     name: str

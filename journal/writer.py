@@ -18,7 +18,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -234,9 +234,9 @@ class BatchWriter:
 
         self._conn.executemany(_INSERT, rows)
         if self._projections:
-            for outcome in outcomes:
-                if isinstance(outcome, list):
-                    self._apply_projections(outcome)
+            self._apply_projections(
+                [event for outcome in outcomes if isinstance(outcome, list) for event in outcome]
+            )
         return outcomes, _Tail(seq, last_hash, versions)
 
     def _write_each(
@@ -306,9 +306,24 @@ class BatchWriter:
             ))
         return events
 
-    def _apply_projections(self, events: Iterable[RecordedEvent]) -> None:
-        for event in events:
-            for projection in self._projections:
+    def _apply_projections(self, events: Sequence[RecordedEvent]) -> None:
+        """Run every projection over `events`, in seq order; one projection after the other.
+
+        A projection with `apply_many` gets the whole list in one call, so that it can write
+        with one executemany. When it raises, the error names the first event of the list. The
+        batch is then written again one append at a time, so the error narrows to one append.
+        """
+        if not events:
+            return
+        for projection in self._projections:
+            apply_many = getattr(projection, "apply_many", None)
+            if apply_many is not None:
+                try:
+                    apply_many(self._conn, events)
+                except Exception as exc:
+                    raise ProjectionFailed(projection.name, events[0].seq, events[0].type) from exc
+                continue
+            for event in events:
                 try:
                     projection.apply(self._conn, event)
                 except Exception as exc:
@@ -342,6 +357,6 @@ class BatchWriter:
         count = 0
         cursor = self._conn.execute(f"SELECT {EVENT_COLUMNS} FROM events ORDER BY seq")
         while rows := cursor.fetchmany(batch_size):
-            self._apply_projections(decode_row(row, self._upcasters) for row in rows)
+            self._apply_projections([decode_row(row, self._upcasters) for row in rows])
             count += len(rows)
         return count

@@ -29,6 +29,30 @@ class StreamCounter:
         )
 
 
+class BatchStreamCounter(StreamCounter):
+    """StreamCounter with apply_many: one executemany per transaction; records each call."""
+
+    name = "batch_stream_counter"
+    tables = ("stream_counts",)
+
+    def __init__(self, poison: str | None = None) -> None:
+        self.poison = poison
+        self.calls: list[list[int]] = []  # the seqs that each apply_many call got
+
+    def apply(self, conn: sqlite3.Connection, event: RecordedEvent) -> None:
+        raise AssertionError("the writer must call apply_many when a projection has it")
+
+    def apply_many(self, conn: sqlite3.Connection, events: list[RecordedEvent]) -> None:
+        self.calls.append([event.seq for event in events])
+        if any(event.type == self.poison for event in events):
+            raise RuntimeError(f"projection rejects {self.poison}")
+        conn.executemany(
+            "INSERT INTO stream_counts (stream, events, last_version) VALUES (?, 1, ?) "
+            "ON CONFLICT (stream) DO UPDATE SET events = events + 1, last_version = ?",
+            [(event.stream, event.version, event.version) for event in events],
+        )
+
+
 class FailingOn:
     """Projection that raises on events of one type, to test that only that append fails."""
 

@@ -9,7 +9,9 @@ import pytest
 
 from journal import EventStore, NewEvent, ProjectionFailed, VersionConflict
 from journal.writer import encode_request
-from journal_testkit import FailingOn, StreamCounter, fold_counts, read_counts
+from journal_testkit import (
+    BatchStreamCounter, FailingOn, StreamCounter, fold_counts, read_counts,
+)
 
 
 async def test_hundred_tasks_share_transaction(tmp_path):
@@ -102,6 +104,49 @@ async def test_projection_matches_rebuild(tmp_path):
     assert live == rebuilt
     assert live == fold_counts(events)
     assert live["job-0"] == (3, 3)
+
+
+async def test_apply_many_gets_each_transaction_once(tmp_path):
+    path = tmp_path / "journal.db"
+    projection = BatchStreamCounter()
+    async with await EventStore.open(path, projections=[projection]) as store:
+        for round_number in range(2):
+            await asyncio.gather(*(
+                store.append(f"job-{i}", [NewEvent("Ticked", {}), NewEvent("Ticked", {})],
+                             expected_version=2 * round_number)
+                for i in range(50)
+            ))
+        assert store.stats.transactions == len(projection.calls)
+        assert [seq for call in projection.calls for seq in call] == list(range(1, 201))
+        live = read_counts(str(path))
+        events = await store.read_all()
+        await store.rebuild_projections()
+        assert read_counts(str(path)) == live
+    assert live == fold_counts(events)
+    assert live["job-7"] == (4, 4)
+
+
+async def test_apply_many_failure_fails_alone(tmp_path):
+    path = tmp_path / "journal.db"
+    async with await EventStore.open(path, projections=[BatchStreamCounter("Poisoned")]) as store:
+        appends = [
+            store.append(f"job-{i}", [NewEvent("JobSubmitted", {})], expected_version=0)
+            for i in range(10)
+        ]
+        appends.insert(3, store.append("bad", [NewEvent("JobSubmitted", {}),
+                                               NewEvent("Poisoned", {})], expected_version=0))
+        results = await asyncio.gather(*appends, return_exceptions=True)
+
+        failure = results.pop(3)
+        assert isinstance(failure, ProjectionFailed)
+        assert failure.projection == "batch_stream_counter"
+        assert isinstance(failure.__cause__, RuntimeError)
+        assert all(isinstance(r, list) for r in results)
+        assert await store.stream_version("bad") == 0
+        events = await store.read_all()
+        assert [e.seq for e in events] == list(range(1, 11))
+        assert (await store.verify()).ok
+    assert read_counts(str(path)) == fold_counts(events)
 
 
 async def test_projection_table_named_events_rejected(tmp_path):
