@@ -17,6 +17,7 @@ of billing.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import time
@@ -105,6 +106,10 @@ class BudgetGuard:
     generation: int = 1  # counts the loads of the budget config
     live_cache: tuple[int, list[tuple[str, dict[str, Any], JobFacts]]] | None = None
     reservations: Reservations = field(default_factory=Reservations)
+    # Max-duration checks: jobs whose run facts changed since the last enforcement, and a heap
+    # of (when the job reaches its max duration, job id), so that a tick looks only at jobs due.
+    duration_changed: set[str] = field(default_factory=set)
+    duration_due: list[tuple[float, str]] = field(default_factory=list)
 
     def fold(self, seq: int, stream: str, kind: str, data: dict[str, Any], at: float) -> None:
         if kind == "JobSubmitted":
@@ -134,11 +139,13 @@ class BudgetGuard:
             facts.last_cost_seq = seq
         elif kind in ("WorkerStarted", "JobResumed") and facts.run_since is None:
             facts.run_since, facts.run_attempt = at, attempt
+            self.duration_changed.add(stream)
         if kind in RUN_ENDS and facts.run_since is not None and attempt in (
             facts.run_attempt, 0
         ):
             facts.run_closed_s += max(0.0, at - facts.run_since)
             facts.run_since = None
+            self.duration_changed.add(stream)
 
 
 def _budget_paths(sup: Supervisor) -> list[Path]:
@@ -206,7 +213,7 @@ async def sync(sup: Supervisor) -> BudgetGuard:
 
 def _live_attempts(sup: Supervisor) -> list[tuple[str, dict[str, Any]]]:
     """Attempts with a live instance: the supervisor's list for this tick."""
-    return [(job_id, row) for job_id, row in sup.live_rows
+    return [(job_id, row) for (job_id, _), row in sup.live_rows.items()
             if row["status"] in (CREATED, DESTROY_REQUESTED) and row["instance_id"] is not None]
 
 
@@ -223,8 +230,8 @@ def _budgeted_live(sup: Supervisor,
     """(job, attempt row, facts) of live instances that a budget covers, once per tick."""
     if guard.live_cache is not None and guard.live_cache[0] == sup.ticks:
         return guard.live_cache[1]
-    found = []
-    for job_id, row in _live_attempts(sup):
+    found: list[tuple[str, dict[str, Any], JobFacts]] = []
+    for job_id, row in (_live_attempts(sup) if guard.config.budgets else ()):
         facts = guard.jobs.get(job_id)
         if facts is not None and _budgeted(guard, facts):
             found.append((job_id, row, facts))
@@ -363,29 +370,15 @@ async def enforce(sup: Supervisor) -> None:
         await sup.stop_job(job_id, reason)
 
 
-def _stoppable(sup: Supervisor) -> list[str]:
-    return [
-        job_id for job_id, job in sup.table.jobs.items()
-        if job["state"] not in TERMINAL_VALUES and not job["stop_reason"]
-        and not job["cancel_requested"]
-    ]
+def _stoppable(job: dict[str, Any]) -> bool:
+    return (job["state"] not in TERMINAL_VALUES and not job["stop_reason"]
+            and not job["cancel_requested"])
 
 
 def _stops(sup: Supervisor, guard: BudgetGuard, statuses: list[BudgetStatus],
            now: float) -> list[tuple[str, str]]:
-    stops: dict[str, str] = {}
-    candidates = _stoppable(sup)
-    for job_id in candidates:
-        facts = guard.jobs.get(job_id)
-        if facts is None or facts.max_duration_hours <= 0:
-            continue
-        if facts.run_since is None and facts.run_closed_s == 0.0:
-            continue  # never ran: nothing used of its max duration
-        if remaining_hours(sup, facts, now) <= 0:
-            ran_h = facts.running_s(now) * sup.billing_time_scale / 3600.0
-            stops[job_id] = (f"max_duration_hours reached: ran {ran_h:.2f} h of "
-                             f"{facts.max_duration_hours:g} h")
-    running = _running_in_scope(sup, guard, candidates)
+    stops = dict(_over_max_duration(sup, guard, now))
+    running = _running_in_scope(sup, guard)
     for status in statuses:
         in_scope = [(j, dph) for j, team, project, dph in running
                     if status.budget.applies_to(team, project)]
@@ -401,15 +394,56 @@ def _stops(sup: Supervisor, guard: BudgetGuard, statuses: list[BudgetStatus],
     return list(stops.items())
 
 
-def _running_in_scope(sup: Supervisor, guard: BudgetGuard,
-                      candidates: list[str]) -> list[tuple[str, str, str, float]]:
+def _over_max_duration(sup: Supervisor, guard: BudgetGuard, now: float) -> list[tuple[str, str]]:
+    """(job, reason) for stoppable jobs that ran their max_duration_hours.
+
+    Each job whose run started or ended since the last call goes on a heap under the moment it
+    reaches its limit. A tick then checks only the jobs whose moment has come, against their
+    current facts, so thousands of running jobs cost nothing until one is due.
+    """
+    scale_h = sup.billing_time_scale / 3600.0
+    for job_id in guard.duration_changed:
+        facts = guard.jobs.get(job_id)
+        if facts is not None and facts.max_duration_hours > 0:
+            _push_deadline(guard, job_id, facts, scale_h, now)
+    guard.duration_changed.clear()
+    over: list[tuple[str, str]] = []
+    checked: set[str] = set()  # a job can be on the heap twice: one check settles it
+    while guard.duration_due and guard.duration_due[0][0] <= now:
+        _, job_id = heapq.heappop(guard.duration_due)
+        facts, job = guard.jobs.get(job_id), sup.table.jobs.get(job_id)
+        if job_id in checked or facts is None or job is None or not _stoppable(job):
+            continue  # ended, or already stopping, so it never needs this check again
+        checked.add(job_id)
+        ran_h = facts.running_s(now) * scale_h
+        if ran_h >= facts.max_duration_hours:
+            over.append((job_id, f"max_duration_hours reached: ran {ran_h:.2f} h of "
+                                 f"{facts.max_duration_hours:g} h"))
+            # Checked again next tick, in case the stop request did not get recorded.
+            heapq.heappush(guard.duration_due, (now + sup.settings.tick_s, job_id))
+        elif facts.run_since is not None:
+            # An entry of an earlier run, or rounding: wait for the current run's moment.
+            _push_deadline(guard, job_id, facts, scale_h, now + sup.settings.tick_s)
+    return over
+
+
+def _push_deadline(guard: BudgetGuard, job_id: str, facts: JobFacts, scale_h: float,
+                   earliest: float) -> None:
+    """Put the job on the heap at the moment it reaches its limit, but not before `earliest`."""
+    limit_s = facts.max_duration_hours / scale_h
+    if facts.run_since is not None:
+        deadline = facts.run_since + limit_s - facts.run_closed_s
+        heapq.heappush(guard.duration_due, (max(deadline, earliest), job_id))
+    elif facts.run_closed_s >= limit_s:
+        heapq.heappush(guard.duration_due, (earliest, job_id))  # over when its last run ended
+
+
+def _running_in_scope(sup: Supervisor, guard: BudgetGuard) -> list[tuple[str, str, str, float]]:
     """(job, team, project, dph) of every stoppable job with a live instance."""
-    live = _budgeted_live(sup, guard)
-    if not live:
-        return []
-    allowed = set(candidates)
+    jobs = sup.table.jobs
     return [(job_id, facts.team, facts.project, _live_dph(sup, job_id, row))
-            for job_id, row, facts in live if job_id in allowed]
+            for job_id, row, facts in _budgeted_live(sup, guard)
+            if job_id in jobs and _stoppable(jobs[job_id])]
 
 
 def _budgeted(guard: BudgetGuard, facts: JobFacts) -> bool:

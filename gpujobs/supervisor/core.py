@@ -55,7 +55,8 @@ class Supervisor:
         self.limits = load_limits(settings.limit_files())
         self.live_counts = queue.LiveCounts()
         self.queue = queue.QueuePublisher(settings.journal_path)
-        self.live_rows: list[tuple[str, dict]] = []  # (job id, attempt row), once per tick
+        # (job id, attempt) to attempt row of every live attempt, taken once per tick
+        self.live_rows: dict[tuple[str, int], dict] = {}
         self.settlement = Settlement()
         self.strays = StrayDestroyer()
         self._failed_hosts: dict[int, str] = {}
@@ -129,12 +130,12 @@ class Supervisor:
         self.live_rows = self.table.all_live_attempts()
         self.live_counts = queue.LiveCounts.count(self)
         ordered = jobsteps.ordered_jobs(self.table)
-        now = time.time()
-        self.jobs_stepped_last_tick = 0
-        for job_id in ordered:
-            if not jobsteps.needs_step(self, job_id, instances, now):
-                continue
-            self.jobs_stepped_last_tick += 1
+        due = jobsteps.jobs_to_step(self, ordered, instances, time.time())
+        if instances is not None and await jobsteps.bill_running(self, due, instances):
+            # Jobs that were due only for their bill need no step now.
+            due = jobsteps.jobs_to_step(self, due, instances, time.time())
+        self.jobs_stepped_last_tick = len(due)
+        for job_id in due:
             async with self.table.runtime_for(job_id).lock:
                 await jobsteps.step_job(self, job_id, instances, offers_cache)
         await budget_guard.enforce(self)
@@ -153,13 +154,13 @@ class Supervisor:
         assert self.store is not None and self.table is not None
         version = self.table.jobs[job_id]["version"]
         try:
-            await self.store.append(job_id, [e.to_new_event() for e in events],
-                                    expected_version=version)
+            recorded = await self.store.append(job_id, [e.to_new_event() for e in events],
+                                               expected_version=version)
         except VersionConflict:
             log.info("job %s changed under us (another writer); re-reading", job_id)
             await self.table.catch_up()
             return False
-        await self.table.catch_up()
+        await self.table.fold_appended(recorded)
         return True
 
     async def append_outcome(self, job_id: str, events: Sequence[ev.JobEvent]) -> bool:

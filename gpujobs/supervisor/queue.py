@@ -39,10 +39,12 @@ class LiveCounts:
 
     @classmethod
     def count(cls, sup: Supervisor) -> LiveCounts:
+        jobs = sup.table.jobs
+        teams = [jobs[job_id]["team"] for (job_id, _), row in sup.live_rows.items()
+                 if row["status"] in LIVE_FOR_LIMITS]
         counts = cls()
-        for job_id, row in sup.live_rows:
-            if row["status"] in LIVE_FOR_LIMITS:
-                counts.add(sup.table.jobs[job_id]["team"])
+        counts.total = len(teams)
+        counts.by_team = Counter(teams)
         return counts
 
     def add(self, team: str) -> None:

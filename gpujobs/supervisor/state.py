@@ -89,6 +89,9 @@ class JobTable:
         self.store = store
         self.jobs: dict[str, dict[str, Any]] = {}
         self.attempts: dict[str, dict[int, dict[str, Any]]] = {}  # job id -> attempt -> row
+        # The rows of `attempts` whose status is live, kept by every change to `attempts`, so
+        # that a tick lists the live instances without a pass over every job.
+        self.live: dict[tuple[str, int], dict[str, Any]] = {}
         self.runtime: dict[str, JobRuntime] = {}
         self.order: list[str] = []  # job ids by priority, kept by ordered_jobs
         self._shared: dict[int, dict[str, Any]] = {}  # spec and profile dicts, by content
@@ -114,7 +117,7 @@ class JobTable:
         )
         for values in attempt_rows:
             row = decode_row(ATTEMPT_COLUMNS, tuple(values))
-            self.attempts.setdefault(row["job_id"], {})[row["attempt"]] = row
+            self._put_attempt(row["job_id"], row["attempt"], row)
         await self._load_wait_starts()
 
     async def _load_wait_starts(self) -> None:
@@ -144,6 +147,23 @@ class JobTable:
                 await self._fold(event)
                 self.seq = event.seq
             return events
+
+    async def fold_appended(self, events: list[RecordedEvent]) -> None:
+        """Fold events this process just appended, reading the journal only when needed.
+
+        The append returns the events as stored, so when they directly follow the last folded
+        event they are folded as they are. When another writer appended in between, or they
+        were folded already, this is `catch_up`.
+        """
+        async with self._lock:
+            if events and events[0].seq == self.seq + 1:
+                for event in events:
+                    await self._fold(event)
+                    self.seq = event.seq
+                return
+            if events and events[-1].seq <= self.seq:
+                return
+        await self.catch_up()
 
     async def _fold(self, event: RecordedEvent) -> None:
         job = self.jobs.get(event.stream)
@@ -205,7 +225,8 @@ class JobTable:
 
     async def _load_job(self, job_id: str) -> dict[str, Any] | None:
         """Rebuild a job that is not in memory (it ended before this start) from its stream."""
-        self.attempts.pop(job_id, None)
+        for number in self.attempts.pop(job_id, {}):
+            self.live.pop((job_id, number), None)
         rebuilt: dict[str, Any] | None = None
         for event in await self.store.read_stream(job_id):
             if event.seq > self.seq:
@@ -217,21 +238,25 @@ class JobTable:
     def _fold_attempt(self, event: RecordedEvent) -> None:
         if "attempt" not in event.data:
             return
-        rows = self.attempts.setdefault(event.stream, {})
         attempt = int(event.data["attempt"])
-        updated = fold_attempt(rows.get(attempt), event)
+        updated = fold_attempt(self.attempts.get(event.stream, {}).get(attempt), event)
         if updated is not None:
-            rows[attempt] = updated
+            self._put_attempt(event.stream, attempt, updated)
+
+    def _put_attempt(self, job_id: str, attempt: int, row: dict[str, Any]) -> None:
+        self.attempts.setdefault(job_id, {})[attempt] = row
+        if row["status"] in LIVE_ATTEMPT_STATUSES:
+            self.live[(job_id, attempt)] = row
+        else:
+            self.live.pop((job_id, attempt), None)
 
     def attempt_row(self, job_id: str, attempt: int | None = None) -> dict[str, Any] | None:
         number = self.jobs[job_id]["attempt"] if attempt is None else attempt
         return self.attempts.get(job_id, {}).get(number)
 
-    def all_live_attempts(self) -> list[tuple[str, dict[str, Any]]]:
-        return [
-            (job_id, row) for job_id, rows in self.attempts.items() for row in rows.values()
-            if row["status"] in LIVE_ATTEMPT_STATUSES
-        ]
+    def all_live_attempts(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """Return a copy of the live attempts, (job id, attempt) to row, that folds leave alone."""
+        return dict(self.live)
 
     def live_attempts(self, job_id: str) -> list[dict[str, Any]]:
         return [

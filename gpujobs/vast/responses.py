@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from gpujobs.vast import errors
@@ -22,9 +23,16 @@ def scrub(text: str, secret: str | None = None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
-def decode_json(body: bytes, *, endpoint: str, status: int, secret: str | None = None) -> Any:
-    """Parse a JSON body; raises InvalidResponse for HTML, empty or truncated bodies."""
+def decode_json(body: bytes, *, endpoint: str, status: int, secret: str | None = None,
+                decoder: Callable[[bytes], Any] | None = None) -> Any:
+    """Parse a JSON body; raises InvalidResponse for HTML, empty or truncated bodies.
+
+    `decoder`, when given, parses the bytes instead of json.loads; it must raise ValueError
+    (msgspec's DecodeError is one) for a body it cannot parse.
+    """
     try:
+        if decoder is not None:
+            return decoder(body)
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         snippet = scrub(body[:80].decode("utf-8", "replace"), secret)

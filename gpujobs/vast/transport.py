@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -166,7 +167,8 @@ class Transport:
 
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                       json_body: Any = None, expect_json: bool = True,
-                      idempotent: bool = True) -> Any:
+                      idempotent: bool = True,
+                      decoder: Callable[[bytes], Any] | None = None) -> Any:
         """Send one API call with retries; ``path`` is relative to the API root.
 
         With ``idempotent=False``, an outcome the server may have acted on raises at once
@@ -186,7 +188,7 @@ class Transport:
                 raise self._unknown_outcome(outcome, endpoint, full_path)
             delay_s = self._retry_delay(outcome, attempt, endpoint, full_path)
             if delay_s is None:
-                return self._finish(outcome, endpoint, full_path, expect_json)
+                return self._finish(outcome, endpoint, full_path, expect_json, decoder)
             if attempt == self.policy.max_attempts:
                 break
             if loop.time() + delay_s >= deadline:
@@ -232,14 +234,15 @@ class Transport:
             return None
         return retry_after_s
 
-    def _finish(self, outcome: _Outcome, endpoint: str, path: str, expect_json: bool) -> Any:
+    def _finish(self, outcome: _Outcome, endpoint: str, path: str, expect_json: bool,
+                decoder: Callable[[bytes], Any] | None = None) -> Any:
         assert outcome.status is not None
         if outcome.status >= 400:
             raise self._error(outcome, endpoint, path)
         if not expect_json:
             return outcome.body
         payload = decode_json(outcome.body, endpoint=endpoint, status=outcome.status,
-                              secret=self._api_key)
+                              secret=self._api_key, decoder=decoder)
         if isinstance(payload, dict) and payload.get("success") is False:
             raise self._error(outcome, endpoint, path)
         return payload

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +14,7 @@ from gpujobs.budgets import (
 )
 from gpujobs.errors import ConfigError
 from gpujobs.settings import SHIPPED_CONFIG_DIR
-from gpujobs.supervisor.budget_guard import BudgetGuard
+from gpujobs.supervisor.budget_guard import BudgetGuard, _over_max_duration
 
 BASE = ("budgets:\n  - team: research\n    limit_usd: 100\n    period: month\n"
         "    alert_at: [0.5, 0.8]\non_exceeded: wait\n")
@@ -200,3 +202,46 @@ def test_guard_fold_tracks_running_time_and_spend() -> None:
     assert guard.billed_through[("j", 1)] == now + 70
     assert guard.billed_through[("j", 2)] == now + 100
     assert ("team=t/total", 0.5) in guard.alerted
+
+
+def test_max_duration_checks_only_jobs_due() -> None:
+    """A job is reported once its runs add up to the limit, not at an earlier run's moment."""
+    guard = BudgetGuard(BudgetConfig(), (), None)
+    job = {"state": "running", "stop_reason": None, "cancel_requested": False}
+    sup = SimpleNamespace(billing_time_scale=1.0, settings=SimpleNamespace(tick_s=5.0),
+                          table=SimpleNamespace(jobs={"j": job, "idle": dict(job)}))
+    now = utc(2026, 12, 4, 12)
+    profile = {"max_dph": 0.5, "max_duration_hours": 1.0}
+    for stream in ("j", "idle"):
+        guard.fold(1, stream, "JobSubmitted", {"team": "t", "project": "p", "profile": profile},
+                   now)
+    guard.fold(2, "j", "WorkerStarted", {"attempt": 1}, now)
+    guard.fold(3, "j", "PreemptionDetected", {"attempt": 1}, now + 1800)
+    guard.fold(4, "j", "JobResumed", {"attempt": 2}, now + 2400)
+
+    # The first run alone would have reached the hour at now + 3600; the two runs reach it at
+    # now + 4200, after 1800 s of the second run.
+    heapq.heappush(guard.duration_due, (now + 3600, "j"))  # as a tick during the first run would
+    assert _over_max_duration(sup, guard, now + 4190) == []
+    over = _over_max_duration(sup, guard, now + 4200)
+    assert over == [("j", "max_duration_hours reached: ran 1.00 h of 1 h")]
+    assert _over_max_duration(sup, guard, now + 4201) == []  # rechecked after one tick
+    assert [job_id for job_id, _ in _over_max_duration(sup, guard, now + 4206)] == ["j"]
+    job["stop_reason"] = "max_duration_hours reached"
+    assert _over_max_duration(sup, guard, now + 4300) == []
+    assert guard.duration_due == []  # a stopping job leaves the heap; "idle" never ran
+
+
+def test_max_duration_reports_job_over_after_its_run_ended() -> None:
+    guard = BudgetGuard(BudgetConfig(), (), None)
+    job = {"state": "preempted", "stop_reason": None, "cancel_requested": False}
+    sup = SimpleNamespace(billing_time_scale=60.0, settings=SimpleNamespace(tick_s=5.0),
+                          table=SimpleNamespace(jobs={"j": job}))
+    now = utc(2026, 12, 4, 12)
+    profile = {"max_dph": 0.5, "max_duration_hours": 1.0}
+    guard.fold(1, "j", "JobSubmitted", {"team": "t", "project": "p", "profile": profile}, now)
+    guard.fold(2, "j", "WorkerStarted", {"attempt": 1}, now)
+    guard.fold(3, "j", "PreemptionDetected", {"attempt": 1}, now + 61)  # 61 billed minutes
+
+    over = _over_max_duration(sup, guard, now + 100)
+    assert over == [("j", "max_duration_hours reached: ran 1.02 h of 1 h")]

@@ -20,9 +20,10 @@ from journal import EventStore, ProjectionFailed
 
 from gpujobs import events as ev
 from gpujobs.errors import IllegalTransition
-from gpujobs.projections import JobsProjection, label_for
+from gpujobs.projections import LIVE_ATTEMPT_STATUSES, JobsProjection, label_for
 from gpujobs.replay import check_projections, replay_events
 from gpujobs.states import TERMINAL_STATES, TRANSITIONS, JobMachine, JobState, next_state
+from gpujobs.supervisor.state import JobTable
 from gpujobs.views import create_views
 
 S = JobState
@@ -198,6 +199,22 @@ async def check_replay(path: Path, walks: list[JobWalk]) -> None:
             assert replay.state == rows[0]["state"] == walk.state.value
             assert replay.attempts == rows[0]["attempt"] == walk.attempt
             await check_transitions_view(path, walk.job_id, replay.transitions)
+        await check_live_index(store)
+
+
+async def check_live_index(store: EventStore) -> None:
+    """The supervisor's index of live attempts matches its rows, folded or loaded."""
+    stored = {(row["job_id"], row["attempt"]) for row in await store.query(
+        "SELECT job_id, attempt FROM attempts WHERE status IN (?, ?, ?)", LIVE_ATTEMPT_STATUSES)}
+    folded = JobTable(store)
+    await folded.catch_up()
+    loaded = JobTable(store)
+    await loaded.load()
+    for table in (folded, loaded):
+        expected = {(job_id, number): row for job_id, rows in table.attempts.items()
+                    for number, row in rows.items() if row["status"] in LIVE_ATTEMPT_STATUSES}
+        assert table.live == expected
+        assert set(table.live) == stored
 
 
 async def check_transitions_view(path: Path, job_id: str, transitions: list[dict]) -> None:

@@ -186,18 +186,27 @@ async def test_server_error_after_attempts(tmp_path):
         await emu.stop()
 
 
+# The instance list has its own decoder; a damaged page must not read as an empty one.
+MALFORMED_CALLS = {
+    "POST /bundles/": lambda vast: vast.search_offers(limit=1),
+    "GET /api/v1/instances/": lambda vast: vast.list_instances_page(),
+}
+
+
+@pytest.mark.parametrize("endpoint", sorted(MALFORMED_CALLS))
 @pytest.mark.parametrize("form", ["html", "truncated"])
-async def test_malformed_body_is_invalid_response(tmp_path, form):
+async def test_malformed_body_is_invalid_response(tmp_path, form, endpoint):
     emu = await started(tmp_path, faults=FaultPlan.from_data(
-        [{"kind": "malformed", "endpoint": "bundles", "form": form}]))
+        [{"kind": "malformed", "endpoint": endpoint, "form": form}]))
+    call = MALFORMED_CALLS[endpoint]
     try:
         async with fast_client(emu) as vast:
             with pytest.raises(errors.InvalidResponse) as caught:
-                await vast.search_offers(limit=1)
-            assert await vast.search_offers(limit=1), "the fault fires once"
-        assert caught.value.endpoint == "POST /bundles/"
+                await call(vast)
+            await call(vast)  # the fault fires once
+        assert caught.value.endpoint == endpoint
         assert caught.value.status == 200
-        assert "POST /bundles/" in str(caught.value)
+        assert endpoint in str(caught.value)
         assert "HTTP 200" in str(caught.value)
     finally:
         await emu.stop()

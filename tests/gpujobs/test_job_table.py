@@ -1,0 +1,55 @@
+"""The supervisor's job table folds its own appends without a read, and others' with one."""
+
+from __future__ import annotations
+
+from journal import EventStore
+
+from gpujobs import events as ev
+from gpujobs.projections import JobsProjection, label_for
+from gpujobs.supervisor.state import JobTable
+
+
+def submitted(job_id: str) -> ev.JobSubmitted:
+    return ev.JobSubmitted(job_id=job_id, name="digits", team="ml", project="p",
+                           profile_name="dev-test", profile={"max_dph": 0.25},
+                           spec={"total_steps": 600})
+
+
+async def append(store: EventStore, job_id: str, events: list[ev.JobEvent], version: int):
+    return await store.append(job_id, [e.to_new_event() for e in events],
+                              expected_version=version)
+
+
+async def test_fold_appended_matches_a_fresh_read(tmp_path):
+    async with await EventStore.open(tmp_path / "journal.db",
+                                     projections=[JobsProjection()]) as store:
+        table = JobTable(store)
+        own = await append(store, "job-1", [submitted("job-1")], 0)
+        await table.fold_appended(own)
+        assert table.seq == 1
+        assert table.jobs["job-1"]["state"] == "queued"
+
+        # Another writer's append lands between two of ours: the table reads it too.
+        await append(store, "job-2", [submitted("job-2")], 0)
+        own = await append(store, "job-1", [
+            ev.OfferSelected(attempt=1, offer_id=7, machine_id=3, host_id=2, gpu_name="RTX 4090",
+                             num_gpus=1, dph_total=0.2, reliability=0.99, bid_price=None),
+            ev.InstanceRequested(attempt=1, offer_id=7, label=label_for("job-1", 1)),
+        ], 1)
+        await table.fold_appended(own)
+        assert table.seq == 4
+        assert set(table.jobs) == {"job-1", "job-2"}
+
+        # Events folded already (by a catch-up in between) are not folded twice.
+        own = await append(store, "job-1", [ev.InstanceCreated(
+            attempt=1, instance_id=11, label=label_for("job-1", 1), dph_total=0.2)], 3)
+        await table.catch_up()
+        await table.fold_appended(own)
+
+        fresh = JobTable(store)
+        await fresh.catch_up()
+        assert table.seq == fresh.seq == 5
+        assert table.jobs == fresh.jobs
+        assert table.attempts == fresh.attempts
+        assert table.live == fresh.live == {("job-1", 1): fresh.attempts["job-1"][1]}
+        assert table.jobs["job-1"]["version"] == 4
