@@ -284,19 +284,26 @@ class JobsProjection:
         if not is_job_stream(event.stream):
             return
         job = load_job_row(conn, event.stream)
-        write_row(conn, "jobs", JOB_COLUMNS, fold_job(job, event))
+        write_changes(conn, "jobs", JOB_COLUMNS, ("job_id",), job, fold_job(job, event))
         if "attempt" not in event.data:
             return
         attempt = load_attempt_row(conn, event.stream, int(event.data["attempt"]))
         updated = fold_attempt(attempt, event)
         if updated is not None:
-            write_row(conn, "attempts", ATTEMPT_COLUMNS, updated)
+            write_changes(conn, "attempts", ATTEMPT_COLUMNS, ("job_id", "attempt"), attempt,
+                          updated)
 
 
 def load_job_row(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None:
+    """Return the stored row with its JSON columns still encoded.
+
+    The folds only ever replace spec, profile and metrics, never read them, and
+    `write_changes` leaves a column that still holds the stored text alone, so decoding them
+    for every event would be wasted.
+    """
     cursor = conn.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))
     values = cursor.fetchone()
-    return None if values is None else decode_row(JOB_COLUMNS, values)
+    return None if values is None else dict(zip(JOB_COLUMNS, values))
 
 
 def load_attempt_row(conn: sqlite3.Connection, job_id: str, attempt: int) -> dict[str, Any] | None:
@@ -325,6 +332,27 @@ def write_row(conn: sqlite3.Connection, table: str, columns: tuple[str, ...],
     conn.execute(
         f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", values
     )
+
+
+def write_changes(conn: sqlite3.Connection, table: str, columns: tuple[str, ...],
+                  key: tuple[str, ...], old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    """Write `new` over `old`: the whole row if it is new, else only the columns that changed.
+
+    Most events change a few counters of a job, and rewriting the whole row would encode its
+    spec and profile as JSON again for each of them.
+    """
+    if old is None:
+        write_row(conn, table, columns, new)
+        return
+    changed = [c for c in columns if new[c] != old[c]]
+    if not changed:
+        return
+    values = [json.dumps(new[c], sort_keys=True) if c in _JSON_COLUMNS else new[c]
+              for c in changed]
+    assignments = ", ".join(f"{c} = ?" for c in changed)
+    where = " AND ".join(f"{c} = ?" for c in key)
+    conn.execute(f"UPDATE {table} SET {assignments} WHERE {where}",
+                 [*values, *(old[c] for c in key)])
 
 
 def fold_all(events: list[RecordedEvent]) -> tuple[dict[str, dict], dict[tuple[str, int], dict]]:

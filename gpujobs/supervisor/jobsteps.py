@@ -55,7 +55,7 @@ def jobs_to_step(sup: Supervisor, ordered: list[str], found: InstanceView | None
     if found is None:
         return list(ordered)  # no list this tick: every job decides without one
     jobs, attempts, runtimes = sup.table.jobs, sup.table.attempts, sup.table.runtime
-    fresh, known, complete = found.fresh, found.known, found.complete
+    fresh, known, complete, listed_at = found.fresh, found.known, found.complete, found.listed_at
     cost_s = sup.settings.cost_interval_s
     heartbeat_s = sup.settings.heartbeat_timeout_s
     stall_s = sup.settings.stall_timeout_s
@@ -87,8 +87,9 @@ def jobs_to_step(sup: Supervisor, ordered: list[str], found: InstanceView | None
             if (job_id, number) in known:
                 due.append(job_id)
             continue
-        billed_through = current["billed_through"] or now
-        if (now - billed_through >= cost_s or now - runtime.last_report_at > heartbeat_s
+        # A bill runs up to the time of this tick's list, so the interval counts to it too.
+        billed_through = current["billed_through"] or listed_at
+        if (listed_at - billed_through >= cost_s or now - runtime.last_report_at > heartbeat_s
                 or now - runtime.progress_at > stall_s):
             due.append(job_id)
     return due
@@ -103,12 +104,12 @@ def _other_live(rows: dict[int, dict[str, Any]], current: dict[str, Any]) -> boo
 
 
 async def bill_running(sup: Supervisor, due: list[str], found: InstanceView) -> int:
-    """Bill the running jobs among `due` concurrently; return how many were billed.
+    """Bill the running jobs among `due` concurrently; return how many it looked at.
 
     With thousands of jobs, many come due for billing in the same tick. Billed one at a time,
     each cost event would be a transaction of its own. Billed together, the journal's group
-    commit writes them in a few transactions. `step_job` bills again only what is still due, so a job
-    billed here is not billed twice.
+    commit writes them in a few transactions. `step_job` bills again only what is still due,
+    so a job billed here is not billed twice.
     """
     jobs = sup.table.jobs
     running = [job_id for job_id in due
@@ -116,14 +117,17 @@ async def bill_running(sup: Supervisor, due: list[str], found: InstanceView) -> 
                and not jobs[job_id]["stop_reason"]]
     if len(running) < 2:
         return 0
-    slots = asyncio.Semaphore(BILLING_CONCURRENCY)
+    queue = iter(running)
 
-    async def bill(job_id: str) -> None:
-        async with slots, sup.table.runtime_for(job_id).lock:
-            instance = found.get((job_id, int(jobs[job_id]["attempt"])))
-            await _accrue(sup, job_id, instance, found.listed_at)
+    async def bill_next() -> None:
+        # A few workers share one iterator: thousands of waiting tasks would cost more.
+        for job_id in queue:
+            async with sup.table.runtime_for(job_id).lock:
+                instance = found.get((job_id, int(jobs[job_id]["attempt"])))
+                await _accrue(sup, job_id, instance, found.listed_at)
 
-    results = await asyncio.gather(*(bill(job_id) for job_id in running),
+    workers = min(BILLING_CONCURRENCY, len(running))
+    results = await asyncio.gather(*(bill_next() for _ in range(workers)),
                                    return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
