@@ -7,9 +7,10 @@
    chain and a one-row-per-stream projection (one executemany per transaction through
    `apply_many`), at synchronous FULL and NORMAL; then at FULL with the projection's per-event
    `apply` only, and with 10 events per append. Baselines: sqlite3 executemany of the same
-   rows in one transaction; the same rows with one commit per `--tasks` rows, which is the
-   transaction shape of one-event appends from that many tasks; and the eventsourcing
-   library's SQLite persistence with one save() per event, checked to run at synchronous FULL.
+   rows in one transaction, and the same rows with one commit per `--tasks` rows (the
+   transaction shape of one-event appends from that many tasks). The third baseline is the
+   eventsourcing library's SQLite persistence with one save() per event, checked to run at
+   synchronous FULL.
 2. Replay: read `--replay-events` events of `--replay-streams` streams and fold them, against a
    plain sqlite3 read of the same rows with json.loads and the same fold.
 """

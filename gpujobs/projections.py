@@ -298,7 +298,7 @@ def load_job_row(conn: sqlite3.Connection, job_id: str) -> dict[str, Any] | None
     """Return the stored row with its JSON columns still encoded.
 
     The folds only ever replace spec, profile and metrics, never read them, and
-    `write_changes` leaves a column that still holds the stored text alone, so decoding them
+    `write_changes` leaves a column that still contains the stored text alone, so decoding them
     for every event would be wasted.
     """
     cursor = conn.execute(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE job_id = ?", (job_id,))

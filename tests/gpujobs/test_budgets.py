@@ -232,7 +232,7 @@ def test_max_duration_checks_only_jobs_due() -> None:
     assert guard.duration_due == []  # a stopping job leaves the heap; "idle" never ran
 
 
-def test_max_duration_reports_job_over_after_its_run_ended() -> None:
+def test_max_duration_after_run_ended() -> None:
     guard = BudgetGuard(BudgetConfig(), (), None)
     job = {"state": "preempted", "stop_reason": None, "cancel_requested": False}
     sup = SimpleNamespace(billing_time_scale=60.0, settings=SimpleNamespace(tick_s=5.0),
