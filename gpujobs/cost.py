@@ -27,6 +27,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gpujobs.projections import billing_start
+
 USEFUL, PROVISIONING, LOST, IDLE = "useful", "provisioning", "lost", "idle"
 CATEGORIES = (USEFUL, PROVISIONING, LOST, IDLE)
 WASTE = (PROVISIONING, LOST, IDLE)
@@ -162,7 +164,8 @@ def _fold(attempts: dict[int, _Attempt], event: EventLike, stopping: bool) -> No
         row.host_id, row.gpu_name = data.get("host_id"), data.get("gpu_name")
     elif kind == "InstanceCreated":
         row.instance_id, row.dph_total = data["instance_id"], float(data["dph_total"])
-        row.created_at = row.billed_through = at
+        row.created_at = at
+        row.billed_through = billing_start(None, data, at)
     elif kind in ("WorkerStarted", "JobResumed") and row.started_at is None:
         row.started_at = at
     elif kind == "CheckpointStarted":

@@ -84,6 +84,10 @@ class InstanceCreated(JobEvent):
     label: str
     dph_total: float
     adopted: bool = False  # found by label after a crash, not from the create call's response
+    # When the create call was sent, after its intent was durable. The API starts billing
+    # during the call, so billing from here counts the call but not the intent's commit.
+    # None (adopted, or journaled before this field) bills from the intent.
+    billed_from: float | None = None
 
 
 @dataclass(frozen=True)

@@ -216,11 +216,19 @@ def _attempt_requested(row: dict[str, Any], data: dict[str, Any], at: float) -> 
     row.update(status=REQUESTED, label=data["label"], offer_id=data["offer_id"], requested_at=at)
 
 
+def billing_start(requested_at: float | None, data: dict[str, Any], at: float) -> float:
+    """Return when an attempt's billing starts, from its InstanceCreated data.
+
+    The API creates the instance and starts billing while the create call runs. The reply
+    comes later, and for an adopted instance a restarted supervisor later still, so billing
+    starts when the call was sent. An adopted instance has no such moment, so its billing
+    starts at the intent, which was appended just before the call.
+    """
+    return data.get("billed_from") or requested_at or at
+
+
 def _attempt_created(row: dict[str, Any], data: dict[str, Any], at: float) -> None:
-    # The API creates the instance while the create call runs, and bills it from then; the
-    # reply (or, for an adopted instance, a restarted supervisor) comes later. Billing from
-    # the intent, appended just before the call, counts that time instead of losing it.
-    start = row["requested_at"] or at
+    start = billing_start(row["requested_at"], data, at)
     row.update(
         status=CREATED, instance_id=data["instance_id"], label=data["label"],
         dph_total=data["dph_total"], created_at=at, billed_through=start,

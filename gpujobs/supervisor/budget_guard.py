@@ -31,7 +31,7 @@ from gpujobs.budgets import BudgetBook, BudgetConfig, BudgetStatus, load_budgets
 from gpujobs.cost import RUN_ENDS
 from gpujobs.errors import ConfigError
 from gpujobs.profiles import environment_from
-from gpujobs.projections import CREATED, DESTROY_REQUESTED
+from gpujobs.projections import CREATED, DESTROY_REQUESTED, billing_start
 from gpujobs.states import TERMINAL_VALUES, JobState
 
 if TYPE_CHECKING:
@@ -129,8 +129,9 @@ class BudgetGuard:
         if kind == "InstanceRequested":
             self.requested_at[(stream, attempt)] = at
         elif kind == "InstanceCreated":
-            # Billing starts at the intent, as in the cost projection.
-            self.billed_through[(stream, attempt)] = self.requested_at.pop((stream, attempt), at)
+            # Billing starts where the cost projection starts it.
+            requested_at = self.requested_at.pop((stream, attempt), None)
+            self.billed_through[(stream, attempt)] = billing_start(requested_at, data, at)
         elif kind == "CostAccrued":
             start = self.billed_through.get((stream, attempt), float(data["through"]))
             self.book.add(facts.team, facts.project, start, float(data["through"]),

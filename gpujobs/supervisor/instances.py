@@ -69,6 +69,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
     if not await sup.append(job_id, [selected, ev.InstanceRequested(attempt, offer.id, label)]):
         return
     spec = job["spec"]
+    sent_at = time.time()
     try:
         instance_id = await sup.client.create_instance(
             offer.id, image=spec.get("image") or profile.image,
@@ -76,7 +77,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
             disk_gb=profile.disk_gb, price=choice.bid_price,
         )
     except vast_errors.BidTooLow as exc:
-        await _bid_too_low(sup, job_id, attempt, label, selected.dph_total, exc)
+        await _bid_too_low(sup, job_id, attempt, label, selected.dph_total, sent_at, exc)
         return
     except (vast_errors.OfferUnavailable, vast_errors.InvalidRequest,
             vast_errors.InsufficientCredit, vast_errors.AuthError) as exc:
@@ -96,7 +97,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
     # A cancel appended during the call must not drop this fact: the job's steps then
     # destroy the new instance on the next tick.
     await sup.append_outcome(job_id, [
-        ev.InstanceCreated(attempt, instance_id, label, selected.dph_total),
+        ev.InstanceCreated(attempt, instance_id, label, selected.dph_total, billed_from=sent_at),
     ])
 
 
@@ -107,7 +108,7 @@ def _retry_delay(exc: Exception) -> float:
 
 
 async def _bid_too_low(sup: Supervisor, job_id: str, attempt: int, label: str, dph: float,
-                       exc: vast_errors.BidTooLow) -> None:
+                       sent_at: float, exc: vast_errors.BidTooLow) -> None:
     if exc.instance_id is None:
         await sup.append_outcome(job_id, [
             ev.InstanceCreateFailed(attempt, 0, "BidTooLow", str(exc)),
@@ -115,7 +116,9 @@ async def _bid_too_low(sup: Supervisor, job_id: str, attempt: int, label: str, d
         ])
         return
     # The API created a stopped, billable instance anyway: record it, then destroy it.
-    await sup.append_outcome(job_id, [ev.InstanceCreated(attempt, exc.instance_id, label, dph)])
+    await sup.append_outcome(job_id, [
+        ev.InstanceCreated(attempt, exc.instance_id, label, dph, billed_from=sent_at),
+    ])
     await sup.append(job_id, [ev.ProvisioningFailed(attempt, f"bid too low: {exc}", 10.0)])
 
 
@@ -151,6 +154,9 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
     # crash the last intent marks the last DELETE that may have gone out.
     if not await sup.append(job_id, [ev.InstanceDestroyRequested(attempt, instance_id, reason)]):
         return
+    # The API stops billing when the DELETE arrives, so billing ends when it is sent. The
+    # intent's time would be earlier by its commit, which may take a while under load.
+    sent_at = time.time()
     try:
         await sup.client.destroy_instance(instance_id)
     except vast_errors.InstanceNotFound:
@@ -161,7 +167,7 @@ async def request_destroy(sup: Supervisor, job_id: str, attempt_row: dict[str, A
     except vast_errors.VastError as exc:
         await _destroy_failed(sup, job_id, attempt, instance_id, now, exc)
         return
-    state.destroy_sent_at = now
+    state.destroy_sent_at = sent_at
 
 
 async def _destroy_failed(sup: Supervisor, job_id: str, attempt: int, instance_id: int,
@@ -210,7 +216,7 @@ async def confirm_destroyed(sup: Supervisor, job_id: str, attempt: int,
     runtime = sup.table.runtime_for(job_id)
     state = runtime.attempt(attempt)
     events: list[ev.JobEvent] = []
-    # Billing ends when the DELETE was accepted, not when a later list confirmed it. After a
+    # Billing ends when the accepted DELETE was sent, not when a later list confirmed it. After a
     # restart that moment is unknown, so the journaled intent, appended just before, is used.
     end = ended_at or state.destroy_sent_at or row["destroy_requested_at"] or time.time()
     cost = cost_event(sup, job_id, row, end)

@@ -34,7 +34,8 @@ WAIT_START_EVENTS = ("PreemptionDetected", "StopRequested")
 class AttemptRuntime:
     """Per-attempt facts the supervisor keeps in memory between ticks."""
 
-    destroy_sent_at: float | None = None  # DELETE accepted; absence from a later list confirms it
+    # When a DELETE the API accepted was sent. Absence from a later list confirms the destroy.
+    destroy_sent_at: float | None = None
     destroy_retry_at: float = 0.0
     destroy_failures: int = 0
     missing_lists: int = 0  # consecutive complete lists that did not show the instance

@@ -158,3 +158,20 @@ def test_settlement_without_estimate_is_idle() -> None:
     assert first.cost_usd == pytest.approx(0.05)
     assert first.by_category[IDLE] == pytest.approx(0.05)
     assert first.by_category[USEFUL] == 0.0
+
+
+def test_split_starts_at_create_call() -> None:
+    # The first bill covers 55 s: from the moment the create call went out (1005), five
+    # seconds before its outcome was journaled. That time is provisioning too.
+    events = history()
+    created = events[2]
+    events[2] = StoredEvent(created.seq, "j", "InstanceCreated",
+                            {**created.data, "billed_from": 1005.0}, created.recorded_at)
+    events[4] = StoredEvent(events[4].seq, "j", "CostAccrued",
+                            {**events[4].data, "amount_usd": 0.055, "billed_s": 55.0},
+                            events[4].recorded_at)
+    first = job_cost("j", events).attempts[0]
+    assert first.by_category[PROVISIONING] == pytest.approx(0.025)
+    assert first.by_category[USEFUL] == pytest.approx(0.04)
+    before_reply = pieces_between(job_cost("j", events).pieces, 1005.0, 1010.0)
+    assert sum(p.amount_usd for p in before_reply) == pytest.approx(0.005)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from journal import EventStore
 
 from gpujobs import events as ev
+from gpujobs.budgets import BudgetConfig
 from gpujobs.projections import JobsProjection, label_for
+from gpujobs.supervisor.budget_guard import BudgetGuard
 from gpujobs.supervisor.state import JobTable
 
 
@@ -53,3 +55,29 @@ async def test_fold_appended_matches_a_fresh_read(tmp_path):
         assert table.attempts == fresh.attempts
         assert table.live == fresh.live == {("job-1", 1): fresh.attempts["job-1"][1]}
         assert table.jobs["job-1"]["version"] == 4
+
+
+async def test_billing_starts_at_create_call(tmp_path):
+    # A created attempt bills from the moment its create call went out; an adopted one, whose
+    # call time is unknown, from its intent. The budget guard starts both bills at the same
+    # moments as the job table.
+    async with await EventStore.open(tmp_path / "journal.db",
+                                     projections=[JobsProjection()]) as store:
+        for job_id, created in (
+            ("job-1", ev.InstanceCreated(1, 11, label_for("job-1", 1), 0.2, billed_from=1.5)),
+            ("job-2", ev.InstanceCreated(1, 12, label_for("job-2", 1), 0.2, adopted=True)),
+        ):
+            await append(store, job_id, [submitted(job_id)], 0)
+            await append(store, job_id, [ev.InstanceRequested(1, 7, label_for(job_id, 1))], 1)
+            await append(store, job_id, [created], 2)
+        table = JobTable(store)
+        await table.catch_up()
+        guard = BudgetGuard(BudgetConfig(), (), None)
+        requested_at = {}
+        for event in await store.read_all():
+            guard.fold(event.seq, event.stream, event.type, event.data, event.recorded_at)
+            if event.type == "InstanceRequested":
+                requested_at[event.stream] = event.recorded_at
+    assert table.attempts["job-1"][1]["billed_through"] == 1.5
+    assert table.attempts["job-2"][1]["billed_through"] == requested_at["job-2"]
+    assert guard.billed_through == {("job-1", 1): 1.5, ("job-2", 1): requested_at["job-2"]}
