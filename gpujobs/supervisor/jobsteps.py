@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -50,7 +52,8 @@ def jobs_to_step(sup: Supervisor, ordered: list[str], found: InstanceView | None
 
     A healthy running job with nothing due is skipped at the cost of a few dict lookups, so
     thousands of running jobs cost little more than the few that need a decision. The loop
-    reads everything it needs into locals first, because it runs once per job per tick.
+    reads everything it needs into locals first, because it runs once per job per tick. Jobs
+    due only for a periodic bill are held to the tick's share of bills (`_with_bills`).
     """
     if found is None:
         return list(ordered)  # no list this tick: every job decides without one
@@ -60,6 +63,7 @@ def jobs_to_step(sup: Supervisor, ordered: list[str], found: InstanceView | None
     heartbeat_s = sup.settings.heartbeat_timeout_s
     stall_s = sup.settings.stall_timeout_s
     due = []
+    billable: list[tuple[float, str]] = []  # (billed through, job) of jobs due only for a bill
     for job_id in ordered:
         job = jobs[job_id]
         if (job["state"] not in _WATCHED_VALUES or job["cancel_requested"]
@@ -87,12 +91,36 @@ def jobs_to_step(sup: Supervisor, ordered: list[str], found: InstanceView | None
             if (job_id, number) in known:
                 due.append(job_id)
             continue
+        if now - runtime.last_report_at > heartbeat_s or now - runtime.progress_at > stall_s:
+            due.append(job_id)
+            continue
         # A bill runs up to the time of this tick's list, so the interval counts to it too.
         billed_through = current["billed_through"] or listed_at
-        if (listed_at - billed_through >= cost_s or now - runtime.last_report_at > heartbeat_s
-                or now - runtime.progress_at > stall_s):
-            due.append(job_id)
+        if listed_at - billed_through >= cost_s:
+            billable.append((billed_through, job_id))
+    if billable:
+        return _with_bills(sup, ordered, due, billable)
     return due
+
+
+def periodic_bills_per_tick(sup: Supervisor) -> int:
+    settings = sup.settings
+    return max(1, math.ceil(settings.periodic_bills_per_s * settings.tick_s))
+
+
+def _with_bills(sup: Supervisor, ordered: list[str], due: list[str],
+                billable: list[tuple[float, str]]) -> list[str]:
+    """Add to `due` the jobs due only for a periodic bill, up to this tick's share of bills.
+
+    Those billed longest ago go first, so with more jobs than the share every job is billed
+    in turn, and no tick bills thousands at once.
+    """
+    limit = periodic_bills_per_tick(sup)
+    if len(billable) > limit:
+        billable = heapq.nsmallest(limit, billable)
+    chosen = set(due)
+    chosen.update(job_id for _, job_id in billable)
+    return [job_id for job_id in ordered if job_id in chosen]
 
 
 _NO_ROWS: dict[int, dict[str, Any]] = {}

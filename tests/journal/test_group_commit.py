@@ -64,10 +64,13 @@ async def test_same_stream_twice_in_batch(tmp_path):
         assert third.actual == 2
 
 
-async def test_projection_failure_fails_alone(tmp_path):
+@pytest.mark.parametrize("projections, failing", [
+    (lambda: [StreamCounter(), FailingOn("Poisoned")], "failing_on"),
+    (lambda: [BatchStreamCounter("Poisoned")], "batch_stream_counter"),  # through apply_many
+], ids=["apply", "apply_many"])
+async def test_projection_failure_fails_alone(tmp_path, projections, failing):
     path = tmp_path / "journal.db"
-    projections = [StreamCounter(), FailingOn("Poisoned")]
-    async with await EventStore.open(path, projections=projections) as store:
+    async with await EventStore.open(path, projections=projections()) as store:
         appends = [
             store.append(f"job-{i}", [NewEvent("JobSubmitted", {})], expected_version=0)
             for i in range(10)
@@ -78,7 +81,7 @@ async def test_projection_failure_fails_alone(tmp_path):
 
         failure = results.pop(5)
         assert isinstance(failure, ProjectionFailed)
-        assert failure.projection == "failing_on"
+        assert failure.projection == failing
         assert isinstance(failure.__cause__, RuntimeError)
         assert all(isinstance(r, list) for r in results)
         assert await store.stream_version("bad") == 0
@@ -124,29 +127,6 @@ async def test_apply_many_gets_each_transaction_once(tmp_path):
         assert read_counts(str(path)) == live
     assert live == fold_counts(events)
     assert live["job-7"] == (4, 4)
-
-
-async def test_apply_many_failure_fails_alone(tmp_path):
-    path = tmp_path / "journal.db"
-    async with await EventStore.open(path, projections=[BatchStreamCounter("Poisoned")]) as store:
-        appends = [
-            store.append(f"job-{i}", [NewEvent("JobSubmitted", {})], expected_version=0)
-            for i in range(10)
-        ]
-        appends.insert(3, store.append("bad", [NewEvent("JobSubmitted", {}),
-                                               NewEvent("Poisoned", {})], expected_version=0))
-        results = await asyncio.gather(*appends, return_exceptions=True)
-
-        failure = results.pop(3)
-        assert isinstance(failure, ProjectionFailed)
-        assert failure.projection == "batch_stream_counter"
-        assert isinstance(failure.__cause__, RuntimeError)
-        assert all(isinstance(r, list) for r in results)
-        assert await store.stream_version("bad") == 0
-        events = await store.read_all()
-        assert [e.seq for e in events] == list(range(1, 11))
-        assert (await store.verify()).ok
-    assert read_counts(str(path)) == fold_counts(events)
 
 
 async def test_projection_table_named_events_rejected(tmp_path):
