@@ -8,9 +8,10 @@ settings (cost every 60 s, at most 20 periodic bills per second, heartbeat timeo
 every `tick_s` seconds of real time, with the client paced to the API's real per-endpoint
 limits. No periodic bill is written before the steady ticks, so within their first minute every
 job is due for one, as in a long run at this scale where bills lag: each tick then writes its
-full share of bills. Measured per steady tick: CPU time of the supervisor process (every
-thread) for the tick and, apart, for the heartbeats handled before it; wall time; API calls;
-jobs that needed a step; events journaled; plus the resident memory of the process.
+full share of bills. Measured per steady tick: the CPU time of the supervisor process (every
+thread) for the tick, and apart for the heartbeats handled before it. Also per tick: wall time,
+API calls, jobs that needed a step and events journaled. Last, the resident memory of the
+process.
 
     python bench/bench_supervisor_scale.py --jobs 10000 1000
 """
