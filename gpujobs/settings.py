@@ -38,10 +38,11 @@ class Settings:
     sweep_pages_per_tick: int = 4  # pages of the full instance list fetched per tick
     offer_search_limit: int = 64  # offers asked for per profile per tick
     cost_interval_s: float = 60.0
-    # Bills at cost_interval_s are written at most this many per second on average, those
-    # billed longest ago first. With more live instances than cost_interval_s times this
-    # (1,200), each is billed less often: every 500 s at 10,000. Bills at a change of rate or
-    # a destroy are never held back, and budgets count the unbilled time of live instances.
+    # Jobs stepped only for their bill at cost_interval_s: at most this many per second on
+    # average, those billed longest ago first. With more live instances than cost_interval_s
+    # times this (1,200), each is billed less often: every 500 s at 10,000. A job stepped for
+    # another reason is billed too if due. Bills at a change of rate or a destroy are never
+    # held back, and budgets count the unbilled time of live instances.
     periodic_bills_per_s: float = 20.0
     # Settling a destroyed instance's cost against the provider's charges: wait this long after
     # the destroy, query at most this often, and give up on an instance after the window.

@@ -104,6 +104,7 @@ def jobs_to_step(sup: Supervisor, ordered: list[str], found: InstanceView | None
 
 
 def periodic_bills_per_tick(sup: Supervisor) -> int:
+    """Return how many jobs a tick steps only for a periodic bill, at least one."""
     settings = sup.settings
     return max(1, math.ceil(settings.periodic_bills_per_s * settings.tick_s))
 

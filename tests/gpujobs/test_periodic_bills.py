@@ -29,8 +29,9 @@ async def running_jobs(store: EventStore, billed_from: dict[str, float]) -> JobT
         )], expected_version=0)
     table = JobTable(store)
     await table.catch_up()
+    # Each instance was listed and billed at the GPU rate before.
     for job_id in billed_from:
-        table.runtime_for(job_id).attempt(1).rate_class = "gpu"  # seen and billed before
+        table.runtime_for(job_id).attempt(1).rate_class = "gpu"
     return table
 
 
