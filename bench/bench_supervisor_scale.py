@@ -11,7 +11,9 @@ job is due for one, as in a long run at this scale where bills lag: each tick th
 full share of bills. Measured per steady tick: the CPU time of the supervisor process (every
 thread) for the tick, and apart for the heartbeats handled before it. Also per tick: wall time,
 API calls, jobs that needed a step and events journaled. Last, the resident memory of the
-process.
+process, and the garbage collector's full collections during the steady ticks (how many, the
+maximum CPU time of one on the thread that ran it) with the objects it tracks afterwards. Objects
+alive after the supervisor's start are frozen first, as the supervise command does.
 
     python bench/bench_supervisor_scale.py --jobs 10000 1000
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -35,7 +38,7 @@ from gpujobs.jobspec import JobSpec
 from gpujobs.limits import Limits
 from gpujobs.profiles import Profile, gpu_names_for
 from gpujobs.settings import load_settings
-from gpujobs.supervisor.core import Supervisor
+from gpujobs.supervisor.core import Supervisor, freeze_startup_objects
 from gpujobs.supervisor.reporting import handle_report
 from gpujobs.vast.client import VastClient
 from gpujobs.vast.transport import DEFAULT_MIN_INTERVAL_S
@@ -71,6 +74,23 @@ class CountingClient(VastClient):
     async def _call(self, method, path, **kwargs):  # type: ignore[no-untyped-def]
         CountingClient.calls += 1
         return await super()._call(method, path, **kwargs)
+
+
+class FullCollections:
+    """Count and time the collector's full (oldest generation) collections while enabled."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.seconds: list[float] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if not self.enabled or info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            self.seconds.append(time.thread_time() - self._started)
 
 
 def bench_profile() -> Profile:
@@ -124,8 +144,11 @@ async def run_case(jobs: int, steady_ticks: int) -> dict[str, float]:
                            min_interval_s=DEFAULT_MIN_INTERVAL_S)
     sup = Supervisor(unbilled, client)
     sup.limits = Limits()  # the shipped limits.yaml caps instances far below this scale
+    collections = FullCollections()
+    gc.callbacks.append(collections)
     try:
         await sup.start()
+        frozen = freeze_startup_objects()  # as the supervise command does after start
         rss_empty = rss_mib()
         job_ids = await submit_all(sup, jobs)
         ramp_started = time.monotonic()
@@ -148,6 +171,7 @@ async def run_case(jobs: int, steady_ticks: int) -> dict[str, float]:
         sup.settings = settings
         cpu, heartbeat_cpu, wall, calls, stepped, journaled = [], [], [], [], [], []
         next_tick = time.monotonic()
+        collections.enabled = True
         for tick in range(steady_ticks):
             await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
             next_tick = time.monotonic() + settings.tick_s
@@ -162,6 +186,9 @@ async def run_case(jobs: int, steady_ticks: int) -> dict[str, float]:
             calls.append(CountingClient.calls - before_calls)
             stepped.append(sup.jobs_stepped_last_tick)
             journaled.append(sup.store.stats.events - before_events)
+        collections.enabled = False
+        gc.collect()
+        tracked = len(gc.get_objects())
         running = sum(1 for j in job_ids if sup.table.jobs[j]["state"] == "running")
         return {
             "jobs": jobs, "running": running, "ramp_s": ramp_s,
@@ -176,8 +203,13 @@ async def run_case(jobs: int, steady_ticks: int) -> dict[str, float]:
             "events_per_tick": statistics.mean(journaled),
             "rss_mib": rss_mib(), "rss_empty_mib": rss_empty,
             "sweep_ticks": warm_ticks,
+            "full_collections": len(collections.seconds),
+            "full_collection_ms_max": max(collections.seconds, default=0.0) * 1000,
+            "objects_tracked": tracked, "objects_frozen": frozen,
         }
     finally:
+        gc.callbacks.remove(collections)
+        gc.unfreeze()
         await sup.stop()
         await client.close()
         await paced.close()
@@ -194,15 +226,18 @@ def main() -> None:
     results = [asyncio.run(run_case(n, args.ticks)) for n in args.jobs]
     print("| jobs running | CPU ms/tick (median, mean, max) | heartbeats CPU ms/tick "
           "| wall ms/tick, paced | API calls/tick | jobs stepped/tick | events journaled/tick "
-          "| RSS MiB (before jobs) | ramp-up s, unpaced | ticks per full sweep |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| RSS MiB (before jobs) | ramp-up s, unpaced | ticks per full sweep "
+          "| full collections (max ms) | objects tracked (frozen) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['running']:,} | {r['cpu_ms_per_tick']:.1f}, {r['cpu_ms_mean']:.1f}, "
               f"{r['cpu_ms_max']:.1f} "
               f"| {r['heartbeat_cpu_ms_per_tick']:.1f} "
               f"| {r['wall_ms_per_tick']:.1f} | {r['api_calls_per_tick']:.0f} "
               f"| {r['jobs_stepped_per_tick']:.0f} | {r['events_per_tick']:.0f} | {r['rss_mib']:.0f} "
-              f"({r['rss_empty_mib']:.0f}) | {r['ramp_s']:.0f} | {r['sweep_ticks']} |")
+              f"({r['rss_empty_mib']:.0f}) | {r['ramp_s']:.0f} | {r['sweep_ticks']} "
+              f"| {r['full_collections']} ({r['full_collection_ms_max']:.1f}) "
+              f"| {r['objects_tracked']:,} ({r['objects_frozen']:,}) |")
     print(json.dumps(results), file=sys.stderr)
     os.environ.pop("GPUJOBS_HOME", None)
 

@@ -11,7 +11,7 @@ import socket
 from gpujobs.errors import GpujobsError
 from gpujobs.jobs import make_home
 from gpujobs.settings import Settings
-from gpujobs.supervisor.core import Supervisor
+from gpujobs.supervisor.core import Supervisor, freeze_startup_objects
 from gpujobs.vast.client import VastClient, find_api_key
 from gpujobs.vast.errors import AuthError, VastError
 from gpujobs.vast.transport import DEFAULT_MIN_INTERVAL_S
@@ -42,6 +42,7 @@ async def _supervise(settings: Settings, pacing_scale: float, intent_timeout_s: 
     try:
         await _check_api_key(client)
         await _start(supervisor, settings)
+        log.debug("%d objects exempted from garbage collection", freeze_startup_objects())
         await supervisor.run()
     finally:
         await supervisor.stop()

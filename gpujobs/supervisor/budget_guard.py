@@ -24,6 +24,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from gpujobs import events as ev
@@ -104,7 +105,8 @@ class BudgetGuard:
     unbilled_cache: tuple[float, list[tuple[str, str, float]]] | None = None
     budgeted: dict[tuple[int, str, str], bool] = field(default_factory=dict)
     generation: int = 1  # counts the loads of the budget config
-    live_cache: tuple[int, list[tuple[str, dict[str, Any], JobFacts]]] | None = None
+    # The tick, its live_rows, and the keys in it that _budgeted_live yields.
+    live_cache: tuple[int, dict, list[tuple[str, int]]] | None = None
     reservations: Reservations = field(default_factory=Reservations)
     # Max-duration checks: jobs whose run facts changed since the last enforcement, and a heap
     # of (when the job reaches its max duration, job id), so that a tick looks only at jobs due.
@@ -212,10 +214,11 @@ async def sync(sup: Supervisor) -> BudgetGuard:
     return guard
 
 
-def _live_attempts(sup: Supervisor) -> list[tuple[str, dict[str, Any]]]:
-    """Attempts with a live instance: the supervisor's list for this tick."""
-    return [(job_id, row) for (job_id, _), row in sup.live_rows.items()
-            if row["status"] in (CREATED, DESTROY_REQUESTED) and row["instance_id"] is not None]
+def _live_attempts(sup: Supervisor) -> Iterator[tuple[tuple[str, int], dict[str, Any]]]:
+    """Yield (job id, attempt) and row of each attempt with a live instance this tick."""
+    for key, row in sup.live_rows.items():
+        if row["status"] in (CREATED, DESTROY_REQUESTED) and row["instance_id"] is not None:
+            yield key, row
 
 
 def _live_dph(sup: Supervisor, job_id: str, row: dict[str, Any]) -> float:
@@ -227,17 +230,26 @@ def _live_dph(sup: Supervisor, job_id: str, row: dict[str, Any]) -> float:
 
 
 def _budgeted_live(sup: Supervisor,
-                   guard: BudgetGuard) -> list[tuple[str, dict[str, Any], JobFacts]]:
-    """(job, attempt row, facts) of live instances that a budget covers, once per tick."""
-    if guard.live_cache is not None and guard.live_cache[0] == sup.ticks:
-        return guard.live_cache[1]
-    found: list[tuple[str, dict[str, Any], JobFacts]] = []
-    for job_id, row in (_live_attempts(sup) if guard.config.budgets else ()):
-        facts = guard.jobs.get(job_id)
-        if facts is not None and _budgeted(guard, facts):
-            found.append((job_id, row, facts))
-    guard.live_cache = (sup.ticks, found)
-    return found
+                   guard: BudgetGuard) -> Iterator[tuple[str, dict[str, Any], JobFacts]]:
+    """Yield (job, attempt row, facts) of live instances that a budget covers.
+
+    The tick's first call finds them; it keeps only their (job id, attempt) keys, the tuples
+    `live_rows` already holds. A cached list of new tuples, one per instance, would outlive
+    the collector's young generations every tick and bring on full collections sooner.
+    """
+    rows = sup.live_rows
+    cache = guard.live_cache
+    if cache is None or cache[0] != sup.ticks or cache[1] is not rows:
+        keys = []
+        for key, _ in (_live_attempts(sup) if guard.config.budgets else ()):
+            facts = guard.jobs.get(key[0])
+            if facts is not None and _budgeted(guard, facts):
+                keys.append(key)
+        cache = guard.live_cache = (sup.ticks, rows, keys)
+    for key in cache[2]:
+        facts = guard.jobs.get(key[0])
+        if facts is not None:
+            yield key[0], rows[key], facts
 
 
 def unbilled(sup: Supervisor, guard: BudgetGuard, now: float) -> list[tuple[str, str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,19 @@ from worker.storage import open_storage
 log = logging.getLogger(__name__)
 
 OUTCOME_APPEND_TRIES = 5
+
+
+def freeze_startup_objects() -> int:
+    """Exempt every object alive now from later garbage collections; return how many.
+
+    The supervise command calls this once, after start: the imported modules and the jobs
+    loaded from the journal then stay out of every full collection, which at 10,000 jobs would
+    otherwise walk them each time. Frozen objects are still freed by reference counting; only a
+    reference cycle among them is never collected.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 class Supervisor:

@@ -282,10 +282,9 @@ async def _stop(sup: Supervisor, job_id: str, instance: Instance | None,
     if row is not None and row["status"] in (CREATED, DESTROY_REQUESTED):
         if found is None:
             return
-        report = runtime.last_report
-        stopped = report is not None and report.kind.value in ("stopping", "checkpoint_saved")
+        stopped = runtime.last_report_kind in ("stopping", "checkpoint_saved")
         if instance is not None and instance.actual_status == "running" and not (
-            stopped and report.checkpointing_step is None
+            stopped and runtime.last_checkpointing_step is None
         ):
             # The grace counts from the StopRequested event, so it also ends after a restart.
             if not recovery.grace_over(job, runtime):

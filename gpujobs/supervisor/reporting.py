@@ -54,7 +54,8 @@ async def handle_report(sup: Supervisor, report: Report) -> str:
 
 def _note(runtime, report: Report) -> None:  # type: ignore[no-untyped-def]
     now = time.time()
-    runtime.last_report = report
+    runtime.last_report_kind = report.kind.value
+    runtime.last_checkpointing_step = report.checkpointing_step
     runtime.last_report_at = now
     runtime.attempt(report.attempt).reported_at = now
     runtime.unreachable_recorded = False

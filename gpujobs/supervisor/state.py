@@ -21,7 +21,6 @@ from gpujobs.projections import (
     ATTEMPT_COLUMNS, JOB_COLUMNS, LIVE_ATTEMPT_STATUSES, decode_row, fold_attempt, fold_job,
 )
 from gpujobs.states import TERMINAL_STATES, TERMINAL_VALUES, JobState
-from worker.protocol import Report
 
 transitions_log = logging.getLogger("gpujobs.transitions")
 
@@ -52,7 +51,11 @@ class AttemptRuntime:
 @dataclass
 class JobRuntime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_report: Report | None = None
+    # The kind and checkpointing step of the last report, not the report itself. At 10,000
+    # jobs the stored reports, replaced every heartbeat interval, would each reach the garbage
+    # collector's oldest generation and bring on full collections sooner.
+    last_report_kind: str | None = None
+    last_checkpointing_step: int | None = None
     last_report_at: float = field(default_factory=time.time)
     progress_at: float = field(default_factory=time.time)
     max_step: int = -1
@@ -69,7 +72,8 @@ class JobRuntime:
     def start_attempt(self) -> None:
         """Forget the previous attempt's reports, so the new worker's timeouts count afresh."""
         now = time.time()
-        self.last_report = None
+        self.last_report_kind = None
+        self.last_checkpointing_step = None
         self.last_report_at = now
         self.progress_at = now
         self.max_step = -1
