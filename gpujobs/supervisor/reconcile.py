@@ -20,11 +20,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gpujobs import events as ev
 from gpujobs.projections import CREATE_FAILED, DESTROYED, REQUESTED, parse_label
 from gpujobs.supervisor import instances as inst
+from gpujobs.supervisor.instance_table import InstanceTable
 from gpujobs.vast import errors as vast_errors
 from gpujobs.vast.records import Instance
 
@@ -60,8 +61,8 @@ class InstanceTracker:
 
     def __init__(self, pages_per_tick: int) -> None:
         self.pages_per_tick = pages_per_tick
-        self.known: dict[Key, Instance] = {}
-        self._sweep: dict[Key, Instance] = {}
+        self.known: dict[Key, Instance] = InstanceTable()
+        self._sweep: dict[Key, Instance] = InstanceTable()
         self._sweep_duplicates: dict[int, Instance] = {}
         self._token: str | None = None
         self._troubled: set[Key] = set()
@@ -88,7 +89,7 @@ class InstanceTracker:
         view = InstanceView(complete=complete, listed_at=listed_at, duplicates=duplicates)
         if complete:
             self.known = self._sweep
-            self._sweep = {}
+            self._sweep = InstanceTable()
             duplicates.update(self._sweep_duplicates)
             self._sweep_duplicates = {}
             self.sweeps_completed += 1
@@ -128,21 +129,13 @@ class InstanceTracker:
         return False
 
 
-# The only raw fields the supervisor reads, for storage billing. The rest of each API row, and
-# the instance's env and ports, are dropped, because thousands of full rows would dominate the
-# supervisor's memory.
-KEPT_RAW_FIELDS = ("storage_total_cost", "storage_cost", "disk_space")
-_EMPTY: dict[str, Any] = {}
-
-
 def _index(page: list[Instance], into: dict[Key, Instance], duplicates: dict[int, Instance],
            recorded_id: RecordedId) -> None:
+    """Place each labelled instance of a page; an InstanceTable keeps only the fields it packs."""
     for instance in page:
         key = parse_label(instance.label)
         if key is not None:
-            raw = {name: instance.raw[name] for name in KEPT_RAW_FIELDS if name in instance.raw}
-            slim = dataclasses.replace(instance, raw=raw, extra_env=_EMPTY, ports=_EMPTY)
-            _place(key, slim, into, duplicates, recorded_id)
+            _place(key, instance, into, duplicates, recorded_id)
 
 
 def _place(key: Key, instance: Instance, into: dict[Key, Instance],
@@ -178,17 +171,24 @@ def _recorded_id(sup: Supervisor) -> RecordedId:
 async def reconcile(sup: Supervisor, view: InstanceView) -> None:
     table = sup.table
     checked = view.known if view.complete else view.fresh
-    for (job_id, attempt), instance in list(checked.items()):
+    # The keys first, and each instance only when it is acted on: after a sweep `known` holds
+    # every instance, and most of them need nothing.
+    for key in list(checked):
+        job_id, attempt = key
         job = table.jobs.get(job_id)
         row = None if job is None else table.attempt_row(job_id, attempt)
+        if row is not None and row["status"] not in (DESTROYED, REQUESTED, CREATE_FAILED):
+            continue
+        instance = checked.get(key)
+        if instance is None:
+            continue  # forgotten while an earlier instance was handled
         if row is None or row["status"] == DESTROYED:
             await _destroy_stray(sup, instance)
             continue
-        if row["status"] in (REQUESTED, CREATE_FAILED):
-            # An intent without an outcome, or one the journal gave up on. The machine exists,
-            # so record it, and the job's steps then keep or destroy it.
-            async with table.runtime_for(job_id).lock:
-                await _adopt(sup, job_id, attempt, instance)
+        # An intent without an outcome, or one the journal gave up on. The machine exists,
+        # so record it, and the job's steps then keep or destroy it.
+        async with table.runtime_for(job_id).lock:
+            await _adopt(sup, job_id, attempt, instance)
     for instance in list(view.duplicates.values()):
         await sup.strays.destroy(sup, instance, "another instance carries the same label")
     if view.complete:
