@@ -45,6 +45,11 @@ def unpack(packed: tuple) -> Instance:
     return Instance(**fields, ports=_EMPTY, extra_env=_EMPTY, raw=raw)
 
 
+def slim(instance: Instance) -> Instance:
+    """Return the instance with only the fields an InstanceTable keeps."""
+    return unpack(pack(instance))
+
+
 class InstanceTable(dict):
     """Instances by (job id, attempt) label key; stores each packed, returns it unpacked.
 

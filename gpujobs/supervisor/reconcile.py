@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from gpujobs import events as ev
 from gpujobs.projections import CREATE_FAILED, DESTROYED, REQUESTED, parse_label
 from gpujobs.supervisor import instances as inst
-from gpujobs.supervisor.instance_table import InstanceTable
+from gpujobs.supervisor.instance_table import InstanceTable, slim
 from gpujobs.vast import errors as vast_errors
 from gpujobs.vast.records import Instance
 
@@ -131,11 +131,15 @@ class InstanceTracker:
 
 def _index(page: list[Instance], into: dict[Key, Instance], duplicates: dict[int, Instance],
            recorded_id: RecordedId) -> None:
-    """Place each labelled instance of a page; an InstanceTable keeps only the fields it packs."""
+    """Place each labelled instance of a page, slimmed to the fields the supervisor reads.
+
+    The tick's not-running list and the duplicates are plain dicts, and during an outage they
+    can hold thousands of instances, so they get no full API rows either.
+    """
     for instance in page:
         key = parse_label(instance.label)
         if key is not None:
-            _place(key, instance, into, duplicates, recorded_id)
+            _place(key, slim(instance), into, duplicates, recorded_id)
 
 
 def _place(key: Key, instance: Instance, into: dict[Key, Instance],
@@ -171,7 +175,7 @@ def _recorded_id(sup: Supervisor) -> RecordedId:
 async def reconcile(sup: Supervisor, view: InstanceView) -> None:
     table = sup.table
     checked = view.known if view.complete else view.fresh
-    # The keys first, and each instance only when it is acted on: after a sweep `known` holds
+    # The keys first, and each instance only when it is acted on: after a sweep `known` contains
     # every instance, and most of them need nothing.
     for key in list(checked):
         job_id, attempt = key

@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from gpujobs.supervisor.instance_table import InstanceTable, pack, unpack
+from gpujobs.supervisor.instance_table import InstanceTable, pack, slim, unpack
 from gpujobs.vast.records import Instance
 
 API_ROW = {
@@ -80,3 +80,15 @@ def test_copying_methods_raise(method: str) -> None:
 
     with pytest.raises(TypeError, match=f"InstanceTable.{method} is not supported"):
         getattr(table, method)(*args)
+
+
+def test_slim_drops_unread_fields() -> None:
+    instance = Instance.from_api(API_ROW)
+
+    slimmed = slim(instance)
+
+    assert slimmed == unpack(pack(instance))
+    assert slimmed.ports == {}
+    assert slimmed.extra_env == {}
+    assert "cuda_max_good" not in slimmed.raw
+    assert instance.ports != {}

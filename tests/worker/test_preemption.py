@@ -11,22 +11,23 @@ import time
 
 import pytest
 
+from worker import preemption
 from worker.preemption import PreemptionHandler
 
-# A process that polls the handler as fast as it can, so that a signal often lands while
-# the main thread is inside the wait's own locking.
+# A process that waits in a tight loop, with the timeout given as its argument. With no
+# timeout, a signal often lands in the middle of a wait's own locking. With a short one, it
+# lands while the Event's wait sleeps.
 BUSY_WAITER = """
+import sys
 from worker.preemption import PreemptionHandler
+timeout_s = float(sys.argv[1])
 handler = PreemptionHandler()
 handler.install()
 print("ready", flush=True)
-while not handler.wait(0):
+while not handler.wait(timeout_s):
     pass
 print("stopped:", handler.reason, flush=True)
 """
-# Each run of the old handler, which set an Event from the signal handler, hung here more
-# than half the time; 20 runs all ending is then a near-certain sign of the fix.
-BUSY_RUNS = 20
 
 
 @pytest.fixture
@@ -37,11 +38,14 @@ def handler() -> PreemptionHandler:
     installed.uninstall()
 
 
+# With no timeout, each run of the old handler, which set an Event from the signal handler,
+# hung more than half the time, so 20 runs that all end are a near-certain sign of the fix.
 @pytest.mark.timeout(120)
-def test_signal_during_a_busy_wait_always_stops_it() -> None:
-    for run in range(BUSY_RUNS):
-        waiter = subprocess.Popen([sys.executable, "-c", BUSY_WAITER], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize(("timeout_s", "runs"), [(0.0, 20), (0.001, 5)])
+def test_signal_during_a_busy_wait_always_stops_it(timeout_s: float, runs: int) -> None:
+    for run in range(runs):
+        waiter = subprocess.Popen([sys.executable, "-c", BUSY_WAITER, str(timeout_s)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert waiter.stdout.readline() == "ready\n"  # type: ignore[union-attr]
             time.sleep(0.001 * (run % 10))
@@ -56,7 +60,7 @@ def test_signal_during_a_busy_wait_always_stops_it() -> None:
         assert "stop requested: received SIGTERM" in err
 
 
-def test_signal_is_recorded_with_its_time_and_forwarded_once(
+def test_first_signal_wins_and_forwards_once(
     handler: PreemptionHandler, caplog: pytest.LogCaptureFixture
 ) -> None:
     forwarded: list[int | None] = []
@@ -79,14 +83,20 @@ def test_signal_is_recorded_with_its_time_and_forwarded_once(
     ]
 
 
-def test_request_from_another_thread_wakes_the_wait(handler: PreemptionHandler) -> None:
+# With the polling slice longer than the test's timeout, only the event can end the wait.
+@pytest.mark.timeout(20)
+def test_request_from_another_thread_wakes_the_wait(
+    handler: PreemptionHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preemption, "SIGNAL_POLL_S", 60.0)
     forwarded: list[int | None] = []
     handler.on_request = forwarded.append
-    threading.Timer(0.1, handler.request_stop, args=("budget spent",)).start()
+    requester = threading.Timer(0.1, handler.request_stop, args=("budget spent",))
+    requester.start()
 
-    started = time.monotonic()
     assert handler.wait(60.0) is True
     assert handler.reason == "budget spent"
+    requester.join()  # the request is forwarded after the event is set
     assert forwarded == [None]
     signal.raise_signal(signal.SIGTERM)  # after a request, a signal is ignored
     assert handler.reason == "budget spent"
