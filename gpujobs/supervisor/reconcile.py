@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from gpujobs import events as ev
 from gpujobs.projections import CREATE_FAILED, DESTROYED, REQUESTED, parse_label
 from gpujobs.supervisor import instances as inst
-from gpujobs.supervisor.instance_table import InstanceTable, slim
+from gpujobs.supervisor.instance_table import InstanceTable, Key, slim
 from gpujobs.vast import errors as vast_errors
 from gpujobs.vast.records import Instance
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, int]
 RecordedId = Callable[[Key], "int | None"]  # the instance id the journal records for a label
 NOT_RUNNING = {"actual_status": {"neq": "running"}}
 
