@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,17 +72,21 @@ def run_wrapped(session: WorkerSession, command: list[str]) -> int:
     if marker is not None:
         return session.already_completed(marker)
 
+    scratch = not config.checkpoint_dir  # a temporary folder, removed once all is stored
     folder = Path(config.checkpoint_dir or tempfile.mkdtemp(prefix="gpujobs-checkpoints-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         resumed = _restore_folder(session, folder)
     except BadCheckpoint as exc:
+        if scratch:
+            shutil.rmtree(folder, ignore_errors=True)  # its files came from storage
         return session.fail(str(exc), protocol.EXIT_BAD_CHECKPOINT)
     files = PlainFileSync(session.storage, session.loop, folder)
     restored_files = files.restore(timeout_s=300)
     if restored_files:
         logger.info("restored %d checkpoint files into %s", len(restored_files), folder)
     uploaded = set(finished_steps(folder))
+    restored_steps = set(uploaded)
     env = {**os.environ, ENV_CHECKPOINT_DIR: str(folder)}
     if resumed is not None:
         env[ENV_RESUMED_FROM_STEP] = str(resumed.step)
@@ -105,7 +110,26 @@ def run_wrapped(session: WorkerSession, command: list[str]) -> int:
     copier.join(5)
     _sync(session, folder, uploaded)
     files.scan(final=True)  # the child has exited, so its files are closed
-    return _finish(session, files, child.returncode, max(uploaded, default=0))
+    code = _finish(session, files, child.returncode, max(uploaded, default=0))
+    if scratch:
+        _remove_scratch(session, files, folder, max(uploaded - restored_steps, default=0))
+    return code
+
+
+def _remove_scratch(
+    session: WorkerSession, files: PlainFileSync, folder: Path, newest_sent: int
+) -> None:
+    """Remove the wrapper's temporary folder, or keep it while storage lacks part of it."""
+    checkpoints = session.checkpoints
+    try:
+        durable = checkpoints.wait_durable(0)
+    except CheckpointTimeout:
+        durable = None
+    stored = checkpoints.last_error is None and (durable.step if durable else 0) >= newest_sent
+    if stored and files.all_stored():
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        logger.warning("kept %s: some of its files failed to upload or are uploading", folder)
 
 
 def child_wait(child: subprocess.Popen, timeout_s: float) -> None:

@@ -103,6 +103,12 @@ class PlainFileSync:
             return
         logger.info("checkpoint file %s uploaded", relative)
 
+    def all_stored(self) -> bool:
+        """Return True when every plain file in the folder is stored as it is now on disk."""
+        if not self.wait(0):
+            return False
+        return all(self._uploaded.get(rel) == sig for rel, sig in plain_files(self.folder).items())
+
     def wait(self, timeout_s: float) -> bool:
         """Wait for the uploads started so far; return False if some were still running."""
         _, running = concurrent.futures.wait(self._uploads, timeout_s)

@@ -178,6 +178,50 @@ def test_wrapper_syncs_plain_files(tmp_path: Path) -> None:
     assert (store / WRAPPER_FILES_DIR / "state.txt").read_text() == "80"
 
 
+def test_wrapper_removes_temporary_folder(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = worker_env(store, TMPDIR=str(scratch))
+
+    worker = WorkerProcess(plain_child_command(tmp_path), env)
+    try:
+        worker.wait_for_line(r"checkpoint file state.txt uploaded")
+        worker.process.send_signal(signal.SIGTERM)
+        first_code = worker.wait(60)
+    finally:
+        worker.kill()
+
+    assert first_code == protocol.EXIT_PREEMPTED, worker.output()
+    assert list(scratch.iterdir()) == [], worker.output()
+    stopped = int(worker.wait_for_line(STOPPED).group(1))
+
+    resumed = run_worker(plain_child_command(tmp_path), worker_env(store, 2, TMPDIR=str(scratch)))
+
+    assert resumed.process.returncode == protocol.EXIT_OK, resumed.output()
+    assert f"child starting at step {stopped}" in resumed.output()
+    assert list(scratch.iterdir()) == [], resumed.output()
+
+
+def test_wrapper_keeps_folder_after_failed_upload(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    # The child saves steps 5 to 30; a file where step 30's folder goes fails its upload.
+    (store / protocol.CHECKPOINTS_DIR).mkdir(parents=True)
+    (store / protocol.checkpoint_prefix(30)).write_text("in the way")
+    command = ["run", "--", sys.executable, str(child)]
+
+    worker = run_worker(command, worker_env(store, TMPDIR=str(scratch)))
+
+    folders = list(scratch.iterdir())
+    assert len(folders) == 1, worker.output()
+    assert f"kept {folders[0]}" in worker.output()
+    assert (folders[0] / "step-30" / "count").read_text() == "30"
+
+
 def test_wrapper_forwards_sigint(tmp_path: Path) -> None:
     store = tmp_path / "store"
     worker = WorkerProcess(plain_child_command(tmp_path), worker_env(store))
