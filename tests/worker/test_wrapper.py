@@ -143,6 +143,8 @@ else:
     print("child done", flush=True)
 """
 STOPPED = r"child stopped at step (\d+) after (\S+)$"
+STARTED = r"child starting at step 0"
+UPLOADED = r"checkpoint file state.txt uploaded"
 
 
 def plain_child_command(tmp_path: Path) -> list[str]:
@@ -151,18 +153,26 @@ def plain_child_command(tmp_path: Path) -> list[str]:
     return ["run", "--", sys.executable, str(child)]
 
 
+def signal_after(command: list[str], env: dict[str, str], line: str, signum: int) -> tuple[
+    WorkerProcess, int
+]:
+    """Start a worker, send it signum once line appears in its output; return it and its code."""
+    worker = WorkerProcess(command, env)
+    try:
+        worker.wait_for_line(line)
+        worker.process.send_signal(signum)
+        code = worker.wait(60)
+    finally:
+        worker.kill()
+    return worker, code
+
+
 def test_wrapper_syncs_plain_files(tmp_path: Path) -> None:
     store = tmp_path / "store"
     command = plain_child_command(tmp_path)
     env = worker_env(store, GPUJOBS_CHECKPOINT_DIR=str(tmp_path / "a"))
 
-    worker = WorkerProcess(command, env)
-    try:
-        worker.wait_for_line(r"checkpoint file state.txt uploaded")
-        worker.process.send_signal(signal.SIGTERM)
-        first_code = worker.wait(60)
-    finally:
-        worker.kill()
+    worker, first_code = signal_after(command, env, UPLOADED, signal.SIGTERM)
     stopped = int(worker.wait_for_line(STOPPED).group(1))
 
     assert first_code == protocol.EXIT_PREEMPTED, worker.output()
@@ -182,21 +192,16 @@ def test_wrapper_removes_temporary_folder(tmp_path: Path) -> None:
     store = tmp_path / "store"
     scratch = tmp_path / "scratch"
     scratch.mkdir()
+    command = plain_child_command(tmp_path)
     env = worker_env(store, TMPDIR=str(scratch))
 
-    worker = WorkerProcess(plain_child_command(tmp_path), env)
-    try:
-        worker.wait_for_line(r"checkpoint file state.txt uploaded")
-        worker.process.send_signal(signal.SIGTERM)
-        first_code = worker.wait(60)
-    finally:
-        worker.kill()
+    worker, first_code = signal_after(command, env, UPLOADED, signal.SIGTERM)
 
     assert first_code == protocol.EXIT_PREEMPTED, worker.output()
     assert list(scratch.iterdir()) == [], worker.output()
     stopped = int(worker.wait_for_line(STOPPED).group(1))
 
-    resumed = run_worker(plain_child_command(tmp_path), worker_env(store, 2, TMPDIR=str(scratch)))
+    resumed = run_worker(command, worker_env(store, 2, TMPDIR=str(scratch)))
 
     assert resumed.process.returncode == protocol.EXIT_OK, resumed.output()
     assert f"child starting at step {stopped}" in resumed.output()
@@ -224,13 +229,8 @@ def test_wrapper_keeps_folder_after_failed_upload(tmp_path: Path) -> None:
 
 def test_wrapper_forwards_sigint(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    worker = WorkerProcess(plain_child_command(tmp_path), worker_env(store))
-    try:
-        worker.wait_for_line(r"child starting at step 0")
-        worker.process.send_signal(signal.SIGINT)
-        code = worker.wait(60)
-    finally:
-        worker.kill()
+    command = plain_child_command(tmp_path)
+    worker, code = signal_after(command, worker_env(store), STARTED, signal.SIGINT)
 
     assert code == protocol.EXIT_PREEMPTED, worker.output()
     assert worker.wait_for_line(STOPPED).group(2) == "SIGINT"
