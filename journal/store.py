@@ -187,6 +187,9 @@ class EventStore:
                 outcomes = exc
             running = self._start_batch(loop) if self._pending else None
             self._finish_batch(batch, outcomes)
+            # Release the finished batch before waiting. Kept until the next batch, its events
+            # would survive the young GC generations, so only a full collection frees them.
+            del batch, outcomes_future, outcomes
 
     def _start_batch(
         self, loop: asyncio.AbstractEventLoop

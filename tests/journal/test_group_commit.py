@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 
 import pytest
 
 from journal import EventStore, NewEvent, ProjectionFailed, VersionConflict
-from journal.writer import encode_request
+from journal.writer import AppendRequest, encode_request
 from journal_testkit import (
     BatchStreamCounter, FailingOn, StreamCounter, fold_counts, read_counts,
 )
@@ -184,3 +185,17 @@ def test_encoded_data_equals_parsed_json(data):
     parsed = json.loads(encoded.data_json)
     assert encoded.data == parsed
     assert list(encoded.data) == list(parsed)
+
+
+async def test_idle_writer_releases_finished_batch(tmp_path):
+    def pending_pairs() -> list[tuple]:
+        return [
+            o for o in gc.get_objects()
+            if type(o) is tuple and len(o) == 2 and type(o[0]) is AppendRequest
+        ]
+
+    async with await EventStore.open(tmp_path / "journal.db") as store:
+        # A list in the data keeps the request, and so its (request, future) pair, tracked.
+        await store.append("job-1", [NewEvent("JobSubmitted", {"items": [1]})], expected_version=0)
+
+        assert pending_pairs() == []
