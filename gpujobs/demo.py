@@ -155,7 +155,6 @@ async def _summary(settings: Settings, emulator: Emulator, supervisor: Superviso
     events = await supervisor.store.read_stream(job_id)
     before = [e.data["step"] for e in events
               if e.type == "CheckpointSaved" and e.data["attempt"] == 1]
-    job = supervisor.table.jobs[job_id]
     command = (f"GPUJOBS_HOME={shlex.quote(str(settings.home))} {shlex.quote(gpujobs_command())} "
                f"replay --job {job_id}")
     return {
@@ -167,7 +166,7 @@ async def _summary(settings: Settings, emulator: Emulator, supervisor: Superviso
         "preempted_at_step": preempted["step"],
         "last_checkpoint_step_before_preemption": max(before) if before else None,
         "resumed_from_step": replay.resumed_from_step,
-        "test_accuracy": (job.get("metrics") or {}).get("test_accuracy"),
+        "test_accuracy": supervisor.table.metrics(job_id).get("test_accuracy"),
         "instances_alive_at_end": len(emulator.live_instance_ids()),
         "cost_usd": round(replay.cost_usd, 6),
         "emulator_charges_usd": round(emulator.total_charges_usd(), 6),

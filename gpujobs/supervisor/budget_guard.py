@@ -471,7 +471,7 @@ def _budgeted(guard: BudgetGuard, facts: JobFacts) -> bool:
 
 def _stop_lead_s(sup: Supervisor, job_ids: list[str]) -> float:
     """Real seconds from a stop request until billing ends: grace, margin and two ticks."""
-    grace_s = max(float(sup.table.jobs[j]["spec"].get("grace_period_s", 10.0)) for j in job_ids)
+    grace_s = max(float(sup.table.spec(j).get("grace_period_s", 10.0)) for j in job_ids)
     return grace_s + STOP_MARGIN_S + 2 * sup.settings.tick_s
 
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, str]:
-    spec = job["spec"]
+    spec = sup.table.spec(job["job_id"])
     env = {str(k): str(v) for k, v in (spec.get("env") or {}).items()}
     env.update({
         protocol.ENV_JOB_ID: job["job_id"],
@@ -43,7 +43,7 @@ def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, 
         protocol.ENV_STEP_DELAY_S: str(spec["step_delay_s"]),
         protocol.ENV_HEARTBEAT_INTERVAL_S: str(spec["heartbeat_interval_s"]),
         protocol.ENV_SEED: str(spec["seed"]),
-        protocol.ENV_NUM_GPUS: str(job["profile"].get("num_gpus", 1)),
+        protocol.ENV_NUM_GPUS: str(sup.table.profile(job["job_id"]).get("num_gpus", 1)),
     })
     if sup.settings.report_mode == "mailbox":
         env["GPUJOBS_REPORT_MODE"] = "mailbox"
@@ -55,7 +55,7 @@ def worker_env(sup: Supervisor, job: dict[str, Any], attempt: int) -> dict[str, 
 async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> None:
     """Record the intent, rent the offer, record the outcome."""
     job = sup.table.jobs[job_id]
-    profile = Profile.from_dict(job["profile"])
+    profile = Profile.from_dict(sup.table.profile(job_id))
     attempt = int(job["attempt"]) + 1
     label = label_for(job_id, attempt)
     offer = choice.offer
@@ -68,7 +68,7 @@ async def create_instance(sup: Supervisor, job_id: str, choice: RankedOffer) -> 
     await sup.lease.ensure_held()
     if not await sup.append(job_id, [selected, ev.InstanceRequested(attempt, offer.id, label)]):
         return
-    spec = job["spec"]
+    spec = sup.table.spec(job_id)
     sent_at = time.time()
     try:
         instance_id = await sup.client.create_instance(

@@ -226,7 +226,7 @@ async def _accrue(sup: Supervisor, job_id: str, instance: Instance | None,
 
 def _rate_changed_at(sup: Supervisor, job_id: str, row: dict[str, Any], state: AttemptRuntime,
                      listed_at: float) -> float:
-    interval_s = float(sup.table.jobs[job_id]["spec"].get("heartbeat_interval_s") or 0.0)
+    interval_s = float(sup.table.spec(job_id).get("heartbeat_interval_s") or 0.0)
     reported_at = state.reported_at if state.rate_class == "gpu" else None
     return inst.rate_changed_at(
         billed_through=row["billed_through"] or row["created_at"] or listed_at,
@@ -287,7 +287,7 @@ async def _stop(sup: Supervisor, job_id: str, instance: Instance | None,
             stopped and runtime.last_checkpointing_step is None
         ):
             # The grace counts from the StopRequested event, so it also ends after a restart.
-            if not recovery.grace_over(job, runtime):
+            if not recovery.grace_over(sup.table.spec(job_id), runtime):
                 return
         await inst.request_destroy(sup, job_id, row, f"stopped: {job['stop_reason']}")
         return

@@ -55,7 +55,7 @@ async def provision(sup: Supervisor, job_id: str, found: InstanceView | None,
 
 async def restarts_spent(sup: Supervisor, job_id: str) -> bool:
     job = sup.table.jobs[job_id]
-    profile = Profile.from_dict(job["profile"])
+    profile = Profile.from_dict(sup.table.profile(job_id))
     if int(job["restarts"]) <= profile.max_restarts:
         return False
     await sup.append(job_id, [ev.JobFailed(
@@ -71,7 +71,7 @@ async def provision_next(sup: Supervisor, job_id: str,
         return
     job = sup.table.jobs[job_id]
     runtime = sup.table.runtime_for(job_id)
-    profile = Profile.from_dict(job["profile"])
+    profile = Profile.from_dict(sup.table.profile(job_id))
     blocked = sup.limits.blocked(job["team"], sup.live_counts.total, sup.live_counts.by_team)
     if blocked is not None:
         await _wait(sup, job_id, blocked)

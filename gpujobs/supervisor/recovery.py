@@ -33,9 +33,9 @@ def waited_s(runtime: JobRuntime) -> float:
     return now - runtime.preempted_at
 
 
-def grace_over(job: dict[str, Any], runtime: JobRuntime) -> bool:
+def grace_over(spec: dict[str, Any], runtime: JobRuntime) -> bool:
     """True once the worker has had its grace period, and a margin, for a last checkpoint."""
-    grace_s = float(job["spec"].get("grace_period_s", 10.0)) + PREEMPTION_GRACE_MARGIN_S
+    grace_s = float(spec.get("grace_period_s", 10.0)) + PREEMPTION_GRACE_MARGIN_S
     return waited_s(runtime) >= grace_s
 
 
@@ -46,7 +46,7 @@ async def _wait_for_same_host(sup: Supervisor, job_id: str, instance: Instance |
     disk intact, and a rebid requests that at once. Past resume_wait_s the job migrates.
     """
     job = sup.table.jobs[job_id]
-    profile = Profile.from_dict(job["profile"])
+    profile = Profile.from_dict(sup.table.profile(job_id))
     if profile.on_preemption not in ("rebid", "wait") or instance is None:
         return False
     if not (instance.is_outbid or job["reason"] in ("outbid", "sigterm")):
@@ -90,7 +90,7 @@ async def recover(sup: Supervisor, job_id: str, instance: Instance | None,
             return
         if instance is not None and instance.actual_status in ("running", "loading"):
             # The worker may still be writing its emergency checkpoint; let it finish.
-            if not grace_over(job, runtime):
+            if not grace_over(sup.table.spec(job_id), runtime):
                 return
         await inst.request_destroy(sup, job_id, row, f"preempted: {job['reason']}")
         return

@@ -1,7 +1,10 @@
 """The supervisor's memory: job and attempt rows folded from the journal, plus runtime facts.
 
-Rows here are exactly what the projection holds, because both come from the same fold
-functions. Runtime facts (the last report, when progress was last seen) are not journaled;
+Rows here are what the projection contains, because both come from the same fold functions, with
+one difference: a job's spec, profile and metrics are kept beside its row (`JobTable.spec`,
+`profile`, `metrics`). CPython's garbage collector does not track a row of plain values, and a
+fold copies the row on every event, so at 10,000 jobs rows that held dicts would fill the
+collector's oldest generation and bring on full collections. Runtime facts (the last report, when progress was last seen) are not journaled;
 after a restart they start empty and fill again within one heartbeat interval. The start of a
 wait with a deadline is the exception: it is rebuilt from the event that began the wait.
 """
@@ -27,6 +30,9 @@ transitions_log = logging.getLogger("gpujobs.transitions")
 # Events that begin a wait with a deadline: the emergency-checkpoint grace, and for an outbid
 # instance the wait for the same host to resume it.
 WAIT_START_EVENTS = ("PreemptionDetected", "StopRequested")
+
+# The JSON columns of a job row, kept in JobTable beside the row.
+SIDE_COLUMNS = ("spec", "profile", "metrics")
 
 
 @dataclass
@@ -99,6 +105,8 @@ class JobTable:
         self.live: dict[tuple[str, int], dict[str, Any]] = {}
         self.runtime: dict[str, JobRuntime] = {}
         self.order: list[str] = []  # job ids by priority, kept by ordered_jobs
+        # Each job's spec, profile and metrics, by column then job id. Equal dicts are shared.
+        self._side: dict[str, dict[str, dict[str, Any]]] = {column: {} for column in SIDE_COLUMNS}
         self._shared: dict[int, dict[str, Any]] = {}  # spec and profile dicts, by content
         self.seq = 0
         self._lock = asyncio.Lock()
@@ -112,8 +120,7 @@ class JobTable:
             (*[s.value for s in TERMINAL_STATES], *LIVE_ATTEMPT_STATUSES),
         )
         for values in rows:
-            row = decode_row(JOB_COLUMNS, tuple(values))
-            self.jobs[row["job_id"]] = self._share_settings(row)
+            self._keep(decode_row(JOB_COLUMNS, tuple(values)))
         attempt_rows = await self.store.query(
             f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM attempts"
             " WHERE job_id IN (SELECT job_id FROM jobs WHERE state NOT IN (?, ?, ?))"
@@ -179,10 +186,7 @@ class JobTable:
         if job is not None and event.seq <= job["last_seq"]:
             return  # already in the row loaded at start
         before = job["state"] if job else None
-        job = fold_job(job, event)
-        if event.type == "JobSubmitted":
-            job = self._share_settings(job)
-        self.jobs[event.stream] = job
+        job = self._keep(fold_job(job, event))
         runtime = self.runtime_for(event.stream)
         if event.type in WAIT_START_EVENTS:
             runtime.preempted_at = event.recorded_at
@@ -199,23 +203,41 @@ class JobTable:
             transitions_log.info("job %s submitted: queued (profile %s)", event.stream,
                                  job["profile_name"])
 
-    def _share_settings(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Point the job's spec and profile at an equal dict already in memory, if there is one.
+    def _keep(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Store a folded job row, moving its spec, profile and metrics beside it."""
+        if any(column in row for column in SIDE_COLUMNS):
+            job_id = row["job_id"]
+            for column in SIDE_COLUMNS:
+                if column in row:
+                    self._side[column][job_id] = self._shared_copy(column, row[column] or {})
+            # A new dict of plain values, which CPython's garbage collector does not track.
+            row = {key: value for key, value in row.items() if key not in SIDE_COLUMNS}
+        self.jobs[row["job_id"]] = row
+        return row
+
+    def _shared_copy(self, column: str, value: dict[str, Any]) -> dict[str, Any]:
+        """Return an equal spec or profile dict already in memory, or value itself.
 
         Jobs of one profile, and often of one template, carry equal dicts; one copy of each
         saves kilobytes per job at thousands of jobs. The shared dicts are never modified.
         """
-        for column in ("spec", "profile"):
-            value = job[column]
-            if not isinstance(value, dict):
-                continue
-            key = hash(json.dumps(value, sort_keys=True))
-            existing = self._shared.get(key)
-            if existing is None:
-                self._shared[key] = value
-            elif existing == value:
-                job[column] = existing
-        return job
+        if column == "metrics":
+            return value
+        key = hash(json.dumps(value, sort_keys=True))
+        existing = self._shared.setdefault(key, value)
+        return existing if existing == value else value
+
+    def spec(self, job_id: str) -> dict[str, Any]:
+        """Return the job's spec as submitted; the caller must not modify it."""
+        return self._side["spec"][job_id]
+
+    def profile(self, job_id: str) -> dict[str, Any]:
+        """Return the job's GPU profile as submitted; the caller must not modify it."""
+        return self._side["profile"][job_id]
+
+    def metrics(self, job_id: str) -> dict[str, Any]:
+        """Return the metrics the job completed with, empty until it completes."""
+        return self._side["metrics"][job_id]
 
     async def ensure_loaded(self, job_id: str) -> bool:
         """Bring a job that ended before this start back into memory; False if unknown."""
@@ -225,7 +247,7 @@ class JobTable:
             job = await self._load_job(job_id)
             if job is None:
                 return False
-            self.jobs[job_id] = job
+            self._keep(job)
             return True
 
     async def _load_job(self, job_id: str) -> dict[str, Any] | None:

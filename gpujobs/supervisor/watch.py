@@ -48,7 +48,7 @@ async def watch_provisioning(sup: Supervisor, job_id: str, instance: Instance | 
         return
     if instance is None and not found.complete:
         return  # no finished sweep has listed it yet
-    profile = Profile.from_dict(job["profile"])
+    profile = Profile.from_dict(sup.table.profile(job_id))
     listed = _loss_reason(instance)
     if listed is not None:
         confirmed = await _confirm_loss(sup, job_id, listed, found)

@@ -22,7 +22,7 @@ async def test_job_completes_without_preemption(tmp_path: Path) -> None:
         assert job["state"] == "done"
         assert job["attempt"] == 1
         assert job["preemptions"] == 0
-        assert job["metrics"]["test_accuracy"] > 0.5
+        assert stack.supervisor.table.metrics(job_id)["test_accuracy"] > 0.5
         assert stack.emulator.live_instance_ids() == []
         count, differences = await check_projections(stack.supervisor.store)
         assert differences == []

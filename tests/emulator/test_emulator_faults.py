@@ -12,7 +12,7 @@ from gpujobs.emulator import Emulator, FaultPlan, FaultPlanError
 from gpujobs.emulator.faults import FaultState
 from gpujobs.vast import errors
 
-from emu_helpers import cheap_offer, client_for, wait_for, wait_for_status
+from emu_helpers import cheap_offer, client_for, wait_for_status
 
 
 def test_plan_from_yaml_file(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from gpujobs.emulator import Emulator
 
-from emu_helpers import cheap_offer, client_for, raw, wait_for
+from emu_helpers import cheap_offer, raw, wait_for
 
 
 async def test_auth_bodies(emulator):

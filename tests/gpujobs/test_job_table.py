@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from journal import EventStore
 
 from gpujobs import events as ev
@@ -81,3 +83,25 @@ async def test_billing_starts_at_create_call(tmp_path):
     assert table.attempts["job-1"][1]["billed_through"] == 1.5
     assert table.attempts["job-2"][1]["billed_through"] == requested_at["job-2"]
     assert guard.billed_through == {("job-1", 1): 1.5, ("job-2", 1): requested_at["job-2"]}
+
+
+async def test_settings_kept_beside_untracked_rows(tmp_path):
+    async with await EventStore.open(tmp_path / "journal.db",
+                                     projections=[JobsProjection()]) as store:
+        for job_id in ("job-1", "job-2"):
+            await append(store, job_id, [submitted(job_id)], 0)
+        await append(store, "job-1", [ev.CancelRequested("no longer needed")], 1)
+        table = JobTable(store)
+        await table.catch_up()
+        loaded = JobTable(store)
+        await loaded.load()  # from the projection, as a supervisor starts
+
+        for rows in (table, loaded):
+            for job_id in ("job-1", "job-2"):
+                row = rows.jobs[job_id]
+                assert not {"spec", "profile", "metrics"} & set(row)
+                assert not gc.is_tracked(row)
+                assert rows.spec(job_id) == {"total_steps": 600}
+                assert rows.profile(job_id) == {"max_dph": 0.25}
+                assert rows.metrics(job_id) == {}
+            assert rows.spec("job-1") is rows.spec("job-2")  # equal dicts are stored once
