@@ -4,9 +4,11 @@ Rows here are what the projection contains, because both come from the same fold
 one difference: a job's spec, profile and metrics are kept beside its row (`JobTable.spec`,
 `profile`, `metrics`). CPython's garbage collector does not track a row of plain values, and a
 fold copies the row on every event, so at 10,000 jobs rows that held dicts would fill the
-collector's oldest generation and bring on full collections. Runtime facts (the last report, when progress was last seen) are not journaled;
-after a restart they start empty and fill again within one heartbeat interval. The start of a
-wait with a deadline is the exception: it is rebuilt from the event that began the wait.
+collector's oldest generation and bring on full collections.
+
+Runtime facts (the last report, when progress was last seen) are not journaled; after a restart
+they start empty and fill again within one heartbeat interval. The start of a wait with a
+deadline is the exception: it is rebuilt from the event that began the wait.
 """
 
 from __future__ import annotations
