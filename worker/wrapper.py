@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker import protocol
@@ -72,21 +73,40 @@ def run_wrapped(session: WorkerSession, command: list[str]) -> int:
     if marker is not None:
         return session.already_completed(marker)
 
-    scratch = not config.checkpoint_dir  # a temporary folder, removed once all is stored
-    folder = Path(config.checkpoint_dir or tempfile.mkdtemp(prefix="gpujobs-checkpoints-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    run = _Run()
+    if config.checkpoint_dir:
+        folder = Path(config.checkpoint_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return _run_in(session, command, folder, run)
+    folder = Path(tempfile.mkdtemp(prefix="gpujobs-checkpoints-"))
+    try:
+        return _run_in(session, command, folder, run)
+    finally:
+        _remove_scratch(session, folder, run)
+
+
+@dataclass
+class _Run:
+    """Progress of one wrapped run, read when its temporary folder is removed."""
+
+    files: PlainFileSync | None = None
+    child: subprocess.Popen | None = None
+    uploaded: set[int] = field(default_factory=set)  # checkpoint steps sent or restored
+    restored: set[int] = field(default_factory=set)  # checkpoint steps restored from storage
+
+
+def _run_in(session: WorkerSession, command: list[str], folder: Path, run: _Run) -> int:
     try:
         resumed = _restore_folder(session, folder)
     except BadCheckpoint as exc:
-        if scratch:
-            shutil.rmtree(folder, ignore_errors=True)  # its files came from storage
         return session.fail(str(exc), protocol.EXIT_BAD_CHECKPOINT)
-    files = PlainFileSync(session.storage, session.loop, folder)
+    files = run.files = PlainFileSync(session.storage, session.loop, folder)
     restored_files = files.restore(timeout_s=300)
     if restored_files:
         logger.info("restored %d checkpoint files into %s", len(restored_files), folder)
-    uploaded = set(finished_steps(folder))
-    restored_steps = set(uploaded)
+    uploaded = run.uploaded
+    uploaded.update(finished_steps(folder))
+    run.restored = set(uploaded)
     env = {**os.environ, ENV_CHECKPOINT_DIR: str(folder)}
     if resumed is not None:
         env[ENV_RESUMED_FROM_STEP] = str(resumed.step)
@@ -94,10 +114,17 @@ def run_wrapped(session: WorkerSession, command: list[str]) -> int:
     # A session of its own: a signal to the wrapper's process group would otherwise reach
     # the child directly as well as through _forward, and the child would see it twice.
     # NOTE: the child therefore outlives a wrapper killed by SIGKILL.
-    child = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    try:
+        child = run.child = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+    except OSError as exc:
+        return session.fail(
+            f"command {command[0]!r} failed to start: {exc.strerror or exc}; check its name, "
+            "path and permissions in the image",
+            protocol.EXIT_BAD_CONFIG,
+        )
     session.preemption.on_request = lambda signum: _forward(child, signum or signal.SIGTERM)
     copier = threading.Thread(target=_copy_output, args=(child, session.capture), daemon=True)
     copier.start()
@@ -110,26 +137,34 @@ def run_wrapped(session: WorkerSession, command: list[str]) -> int:
     copier.join(5)
     _sync(session, folder, uploaded)
     files.scan(final=True)  # the child has exited, so its files are closed
-    code = _finish(session, files, child.returncode, max(uploaded, default=0))
-    if scratch:
-        _remove_scratch(session, files, folder, max(uploaded - restored_steps, default=0))
-    return code
+    return _finish(session, files, child.returncode, max(uploaded, default=0))
 
 
-def _remove_scratch(
-    session: WorkerSession, files: PlainFileSync, folder: Path, newest_sent: int
-) -> None:
-    """Remove the wrapper's temporary folder, or keep it while storage lacks part of it."""
+def _remove_scratch(session: WorkerSession, folder: Path, run: _Run) -> None:
+    """Remove the wrapper's temporary folder, or keep it while storage lacks part of it.
+
+    Before the command starts, the folder holds only what came from storage. Files the wrapper
+    never uploads (names that start with a dot, step folders without `.done`) are removed too.
+    """
+    if run.child is not None and not _stored(session, run):
+        logger.warning("kept %s: storage may lack some of its files", folder)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stored(session: WorkerSession, run: _Run) -> bool:
+    """Return True when the command has exited and storage has every file it left."""
+    if run.child is None or run.child.poll() is None or run.files is None:
+        return False
     checkpoints = session.checkpoints
     try:
         durable = checkpoints.wait_durable(0)
     except CheckpointTimeout:
-        durable = None
-    stored = checkpoints.last_error is None and (durable.step if durable else 0) >= newest_sent
-    if stored and files.all_stored():
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        logger.warning("kept %s: some of its files failed to upload or are uploading", folder)
+        return False
+    newest_sent = max(run.uploaded - run.restored, default=0)
+    if checkpoints.last_error is not None or (durable.step if durable else 0) < newest_sent:
+        return False
+    return run.files.all_stored()
 
 
 def child_wait(child: subprocess.Popen, timeout_s: float) -> None:

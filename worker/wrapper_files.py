@@ -101,6 +101,9 @@ class PlainFileSync:
             self._uploaded.pop(relative, None)  # so that the next scan tries again
             logger.warning("could not upload checkpoint file %s: %s", relative, exc)
             return
+        except BaseException:
+            self._uploaded.pop(relative, None)  # not stored, whatever stopped the upload
+            raise
         logger.info("checkpoint file %s uploaded", relative)
 
     def all_stored(self) -> bool:

@@ -54,6 +54,10 @@ async def test_fold_appended_matches_a_fresh_read(tmp_path):
         await fresh.catch_up()
         assert table.seq == fresh.seq == 5
         assert table.jobs == fresh.jobs
+        for job_id in ("job-1", "job-2"):
+            assert table.spec(job_id) == fresh.spec(job_id)
+            assert table.profile(job_id) == fresh.profile(job_id)
+            assert table.metrics(job_id) == fresh.metrics(job_id)
         assert table.attempts == fresh.attempts
         assert table.live == fresh.live == {("job-1", 1): fresh.attempts["job-1"][1]}
         assert table.jobs["job-1"]["version"] == 4
@@ -88,20 +92,25 @@ async def test_billing_starts_at_create_call(tmp_path):
 async def test_settings_kept_beside_untracked_rows(tmp_path):
     async with await EventStore.open(tmp_path / "journal.db",
                                      projections=[JobsProjection()]) as store:
-        for job_id in ("job-1", "job-2"):
+        for job_id in ("job-1", "job-2", "job-3"):
             await append(store, job_id, [submitted(job_id)], 0)
         await append(store, "job-1", [ev.CancelRequested("no longer needed")], 1)
+        await append(store, "job-3", [ev.JobCompleted(0, 600, {"accuracy": 0.9})], 1)
         table = JobTable(store)
         await table.catch_up()
         loaded = JobTable(store)
-        await loaded.load()  # from the projection, as a supervisor starts
+        await loaded.load()  # from the projection, as a supervisor starts: without job-3
+        assert "job-3" not in loaded.jobs
+        assert await loaded.ensure_loaded("job-3")  # rebuilt from its events
 
         for rows in (table, loaded):
-            for job_id in ("job-1", "job-2"):
+            for job_id in ("job-1", "job-2", "job-3"):
                 row = rows.jobs[job_id]
                 assert not {"spec", "profile", "metrics"} & set(row)
                 assert not gc.is_tracked(row)
                 assert rows.spec(job_id) == {"total_steps": 600}
                 assert rows.profile(job_id) == {"max_dph": 0.25}
-                assert rows.metrics(job_id) == {}
+            assert rows.metrics("job-2") == {}
+            assert rows.metrics("job-3") == {"accuracy": 0.9}
+            assert rows.jobs["job-3"]["state"] == "done"
             assert rows.spec("job-1") is rows.spec("job-2")  # equal dicts are stored once

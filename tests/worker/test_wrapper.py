@@ -97,6 +97,19 @@ def test_wrapper_requires_command(tmp_path: Path) -> None:
     assert "missing command" in worker.output()
 
 
+def test_wrapper_reports_missing_command(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = worker_env(tmp_path / "store", TMPDIR=str(scratch))
+
+    worker = run_worker(["run", "--", str(tmp_path / "no-such-trainer")], env)
+
+    assert worker.process.returncode == protocol.EXIT_BAD_CONFIG, worker.output()
+    assert f"command '{tmp_path / 'no-such-trainer'}' failed to start" in worker.output()
+    assert "No such file or directory" in worker.output()
+    assert list(scratch.iterdir()) == []
+
+
 def test_finished_steps_need_done_file(tmp_path: Path) -> None:
     for name in ("step-5", "step-10", "step-7", "other"):
         (tmp_path / name).mkdir()
@@ -205,6 +218,7 @@ def test_wrapper_removes_temporary_folder(tmp_path: Path) -> None:
 
     assert resumed.process.returncode == protocol.EXIT_OK, resumed.output()
     assert f"child starting at step {stopped}" in resumed.output()
+    assert f"checkpoint files into {scratch}/gpujobs-checkpoints-" in resumed.output()
     assert list(scratch.iterdir()) == [], resumed.output()
 
 
