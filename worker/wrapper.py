@@ -143,7 +143,7 @@ def _run_in(session: WorkerSession, command: list[str], folder: Path, run: _Run)
 def _remove_scratch(session: WorkerSession, folder: Path, run: _Run) -> None:
     """Remove the wrapper's temporary folder, or keep it while storage lacks part of it.
 
-    Before the command starts, the folder holds only what came from storage. Files the wrapper
+    Before the command starts, the folder contains only what came from storage. Files the wrapper
     never uploads (names that start with a dot, step folders without `.done`) are removed too.
     """
     if run.child is not None and not _stored(session, run):
