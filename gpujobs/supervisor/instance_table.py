@@ -57,9 +57,6 @@ class InstanceTable(dict):
     copy the packed tuples out as they are raise TypeError.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def __setitem__(self, key: Key, instance: Instance) -> None:
         super().__setitem__(key, pack(instance))
 

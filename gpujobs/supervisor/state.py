@@ -211,20 +211,20 @@ class JobTable:
             job_id = row["job_id"]
             for column in SIDE_COLUMNS:
                 if column in row:
-                    self._side[column][job_id] = self._shared_copy(column, row[column] or {})
+                    value = row[column] or {}
+                    shared = value if column == "metrics" else self._shared_copy(value)
+                    self._side[column][job_id] = shared
             # A new dict of plain values, which CPython's garbage collector does not track.
             row = {key: value for key, value in row.items() if key not in SIDE_COLUMNS}
         self.jobs[row["job_id"]] = row
         return row
 
-    def _shared_copy(self, column: str, value: dict[str, Any]) -> dict[str, Any]:
+    def _shared_copy(self, value: dict[str, Any]) -> dict[str, Any]:
         """Return an equal spec or profile dict already in memory, or value itself.
 
         Jobs of one profile, and often of one template, carry equal dicts; one copy of each
         saves kilobytes per job at thousands of jobs. The shared dicts are never modified.
         """
-        if column == "metrics":
-            return value
         key = hash(json.dumps(value, sort_keys=True))
         existing = self._shared.setdefault(key, value)
         return existing if existing == value else value
