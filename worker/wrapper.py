@@ -32,6 +32,7 @@ from worker.config import ENV_CHECKPOINT_DIR
 from worker.errors import BadCheckpoint, CheckpointTimeout
 from worker.protocol import CheckpointRef, CompletionMarker, ReportKind
 from worker.session import FINAL_UPLOAD_TIMEOUT_S, WorkerSession
+from worker.wire import MAX_WIRE_INT
 from worker.wrapper_files import PlainFileSync
 
 logger = logging.getLogger(__name__)
@@ -43,20 +44,46 @@ POLL_INTERVAL_S = 0.5
 _STEP_FOLDER = re.compile(r"^step-(\d+)$")
 
 
-def finished_steps(folder: Path) -> list[int]:
-    """Return the steps of checkpoint folders that have their .done file, ascending."""
-    steps = []
-    for child in folder.iterdir() if folder.is_dir() else []:
-        match = _STEP_FOLDER.match(child.name)
-        if match and (child / DONE_MARKER).is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+def finished_steps(folder: Path, warned: set[str] | None = None) -> dict[int, Path]:
+    """Return the checkpoint folders that have their .done file by step, ascending.
+
+    Of two names for one step (step-10 and step-010) the shorter wins. A step above
+    MAX_WIRE_INT is skipped with a warning, once per name when `warned` is given, because no
+    report or manifest can carry it.
+    """
+    found: dict[int, Path] = {}
+    names = sorted(os.listdir(folder) if folder.is_dir() else [], key=lambda n: (len(n), n))
+    for name in names:
+        match = _STEP_FOLDER.match(name)
+        if not match or not (folder / name / DONE_MARKER).is_file():
+            continue
+        step = _step_number(match.group(1))
+        if step is None:
+            if warned is None or name not in warned:
+                logger.warning(
+                    "checkpoint folder %s is not uploaded: its step is above the maximum %d; "
+                    "number steps from 0 upward", name[:80], MAX_WIRE_INT,
+                )  # fmt: skip
+                if warned is not None:
+                    warned.add(name)
+            continue
+        found.setdefault(step, folder / name)
+    return dict(sorted(found.items()))
+
+
+def _step_number(digits: str) -> int | None:
+    """Return the step that a folder name's digits give, None when it is above MAX_WIRE_INT."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_WIRE_INT)) or int(digits) > MAX_WIRE_INT:
+        return None
+    return int(digits)
 
 
 def pack_folder(folder: Path) -> bytes:
+    """Return the folder's content as a tar archive; a folder that is a symlink is followed."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        archive.add(folder, arcname=".")
+        archive.add(folder.resolve(), arcname=".")
     return buffer.getvalue()
 
 
@@ -93,6 +120,7 @@ class _Run:
     child: subprocess.Popen | None = None
     uploaded: set[int] = field(default_factory=set)  # checkpoint steps sent or restored
     restored: set[int] = field(default_factory=set)  # checkpoint steps restored from storage
+    warned: set[str] = field(default_factory=set)  # step folder names already warned about
 
 
 def _run_in(session: WorkerSession, command: list[str], folder: Path, run: _Run) -> int:
@@ -105,19 +133,23 @@ def _run_in(session: WorkerSession, command: list[str], folder: Path, run: _Run)
     if restored_files:
         logger.info("restored %d checkpoint files into %s", len(restored_files), folder)
     uploaded = run.uploaded
-    uploaded.update(finished_steps(folder))
+    uploaded.update(finished_steps(folder, run.warned))
     run.restored = set(uploaded)
     env = {**os.environ, ENV_CHECKPOINT_DIR: str(folder)}
     if resumed is not None:
         env[ENV_RESUMED_FROM_STEP] = str(resumed.step)
 
+    if session.preemption.stop_requested:  # a signal or a stop came during the restore
+        logger.warning("stop requested before the command started, so it is not started")
+        session.started(resumed.step if resumed else 0, resumed)
+        return _finish(session, files, 0, max(uploaded, default=0))
     # A session of its own: a signal to the wrapper's process group would otherwise reach
     # the child directly as well as through _forward, and the child would see it twice.
     # NOTE: the child therefore outlives a wrapper killed by SIGKILL.
     try:
         child = run.child = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            encoding="utf-8", errors="replace", start_new_session=True,
         )  # fmt: skip
     except OSError as exc:
         return session.fail(
@@ -125,19 +157,56 @@ def _run_in(session: WorkerSession, command: list[str], folder: Path, run: _Run)
             "path and permissions in the image",
             protocol.EXIT_BAD_CONFIG,
         )
-    session.preemption.on_request = lambda signum: _forward(child, signum or signal.SIGTERM)
+    try:
+        _watch(session, child, folder, run, resumed)
+    except BaseException:
+        _stop_child(child, session.config.grace_period_s)
+        raise
+    _sync(session, folder, run)
+    files.scan(final=True)  # the child has exited, so its files are closed
+    return _finish(session, files, child.returncode, max(uploaded, default=0))
+
+
+def _watch(
+    session: WorkerSession,
+    child: subprocess.Popen,
+    folder: Path,
+    run: _Run,
+    resumed: CheckpointRef | None,
+) -> None:
+    """Forward stop signals and sync the folder until the child exits.
+
+    A child still running when the grace period of a stop request ends is killed.
+    """
+    preemption = session.preemption
+    forwarded: list[int] = []  # a list, because the signal handler may not take a lock
+
+    def forward(signum: int | None) -> None:
+        forwarded.append(signum or signal.SIGTERM)
+        _forward(child, signum or signal.SIGTERM)
+
+    preemption.on_request = forward
+    if preemption.stop_requested and not forwarded:  # it came between the check and Popen
+        forward(signal.SIGTERM)
     copier = threading.Thread(target=_copy_output, args=(child, session.capture), daemon=True)
     copier.start()
     session.started(resumed.step if resumed else 0, resumed)
 
+    files = run.files
+    assert files is not None  # _run_in sets it before the child starts
+    killed = False
     while child.poll() is None:
-        _sync(session, folder, uploaded)
+        _sync(session, folder, run)
         files.scan()
+        if not killed and preemption.stop_requested and preemption.remaining_grace_s() <= 0:
+            killed = True
+            logger.warning(
+                "command still running at the end of the %.1f s grace period; killing it",
+                preemption.grace_period_s,
+            )  # fmt: skip
+            _signal_group(child, signal.SIGKILL)
         child_wait(child, POLL_INTERVAL_S)
     copier.join(5)
-    _sync(session, folder, uploaded)
-    files.scan(final=True)  # the child has exited, so its files are closed
-    return _finish(session, files, child.returncode, max(uploaded, default=0))
 
 
 def _remove_scratch(session: WorkerSession, folder: Path, run: _Run) -> None:
@@ -192,13 +261,21 @@ def _restore_folder(session: WorkerSession, folder: Path) -> CheckpointRef | Non
     return ref
 
 
-def _sync(session: WorkerSession, folder: Path, uploaded: set[int]) -> None:
-    for step in finished_steps(folder):
-        if step in uploaded:
+def _sync(session: WorkerSession, folder: Path, run: _Run) -> None:
+    """Start the upload of each finished checkpoint folder that was not sent yet."""
+    for step, path in finished_steps(folder, run.warned).items():
+        if step in run.uploaded:
             continue
-        uploaded.add(step)
+        try:
+            payload = pack_folder(path)
+        except OSError as exc:  # the child removed or rewrote it while it was read
+            if path.name not in run.warned:
+                run.warned.add(path.name)
+                logger.warning("could not read checkpoint folder %s: %s", path.name, exc)
+            continue
+        run.uploaded.add(step)
         session.reporter.report(ReportKind.CHECKPOINT_STARTED, step=step, checkpointing_step=step)
-        session.checkpoints.save_payload(step, pack_folder(folder / f"step-{step}"), ARCHIVE_NAME)
+        session.checkpoints.save_payload(step, payload, ARCHIVE_NAME)
 
 
 def _finish(session: WorkerSession, files: PlainFileSync, returncode: int, step: int) -> int:
@@ -243,10 +320,35 @@ def _forward(child: subprocess.Popen, signum: int) -> None:
         child.send_signal(signum)
 
 
+def _signal_group(child: subprocess.Popen, signum: int) -> None:
+    """Send signum to the child's process group: the child and what it started."""
+    try:
+        os.killpg(child.pid, signum)
+    except (ProcessLookupError, PermissionError):  # the group has exited
+        pass
+
+
+def _stop_child(child: subprocess.Popen, grace_period_s: float) -> None:
+    """Stop a child that the wrapper can no longer watch: SIGTERM, then SIGKILL after grace."""
+    if child.poll() is not None:
+        return
+    logger.warning("stopping the command (pid %d): the wrapper failed", child.pid)
+    _signal_group(child, signal.SIGTERM)
+    try:
+        child.wait(grace_period_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(child, signal.SIGKILL)
+        child_wait(child, 5)
+
+
 def _copy_output(child: subprocess.Popen, capture) -> None:
+    """Copy the child's output to the wrapper's stdout and the attempt log until it closes."""
     assert child.stdout is not None
     for line in child.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        except (OSError, ValueError):  # keep draining the pipe, or the child blocks on write
+            pass
         if capture is not None:
             capture.add_line(line.rstrip("\n"))

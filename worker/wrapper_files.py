@@ -1,8 +1,8 @@
 """Wrapper mode: plain checkpoint files that unmodified training code writes into its folder.
 
-Any file of the checkpoint folder outside the step-<N>/ folders (and not hidden) is uploaded
-to <job>/wrapper-files/<path> once it is stable: the same size and modification time in two
-scans in a row, or the child has exited. Each object is replaced whole, so a stored file is
+Any regular file of the checkpoint folder outside the step-<N>/ folders (and not hidden) is
+uploaded to <job>/wrapper-files/<path> once it is stable: the same size and modification time
+in two scans in a row, or the child has exited. Each object is replaced whole, so a stored file is
 either its previous or its new version. A new attempt downloads them all before the child starts.
 """
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 
 from worker.background import BackgroundLoop
@@ -26,18 +28,29 @@ Signature = tuple[int, int]
 
 
 def plain_files(folder: Path) -> dict[str, Signature]:
-    """Return the plain files under folder by relative path, skipping step folders and dot files."""
+    """Return regular files under folder by relative path, without step folders and dot files.
+
+    The walk tolerates files and folders that the child removes meanwhile, and it does not
+    follow symlinks.
+    """
     found: dict[str, Signature] = {}
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder)
-        if _STEP_FOLDER.match(relative.parts[0]) or any(p.startswith(".") for p in relative.parts):
-            continue
-        try:
-            if path.is_file() and not path.is_symlink():
-                stat = path.stat()
-                found[relative.as_posix()] = (stat.st_size, stat.st_mtime_ns)
-        except FileNotFoundError:  # deleted between the listing and the stat
-            continue
+    top = str(folder)
+    for root, folders, names in os.walk(folder):
+        folders[:] = [
+            name for name in folders
+            if not name.startswith(".") and not (root == top and _STEP_FOLDER.match(name))
+        ]  # fmt: skip
+        base = Path(root)
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = base / name
+            try:
+                info = path.lstat()
+            except FileNotFoundError:  # deleted between the listing and the stat
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found[path.relative_to(folder).as_posix()] = (info.st_size, info.st_mtime_ns)
     return found
 
 

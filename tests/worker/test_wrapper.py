@@ -116,7 +116,7 @@ def test_finished_steps_need_done_file(tmp_path: Path) -> None:
     for name in ("step-5", "step-10", "other"):
         (tmp_path / name / ".done").touch()
 
-    assert finished_steps(tmp_path) == [5, 10]
+    assert list(finished_steps(tmp_path)) == [5, 10]
 
 
 def test_pack_unpack_roundtrip(tmp_path: Path) -> None:
