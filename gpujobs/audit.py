@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from journal import run_readonly_query
+from journal import decode_data, run_readonly_query
 
 from gpujobs.errors import GpujobsError, JobNotFound
 from gpujobs.events import EVENT_TYPES
@@ -160,8 +160,8 @@ def _select_sql(filters: AuditFilters, has_jobs: bool) -> tuple[str, list[Any]]:
 
 def _row_dict(row: tuple) -> dict[str, Any]:
     seq, stream, version, event_type, schema_version, recorded_at, data_json, row_hash = row[:8]
-    data = json.loads(data_json)
-    attempt = data.get("attempt") if isinstance(data, dict) else None
+    data = decode_data(seq, data_json)
+    attempt = data.get("attempt")
     return {
         "seq": seq, "job_id": stream, "version": version, "type": event_type,
         "schema_version": schema_version, "recorded_at": recorded_at,

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from gpujobs.cli_console import console
 from gpujobs.errors import GpujobsError
 from gpujobs.settings import load_settings
 
@@ -102,7 +102,7 @@ def _print_table(rows: list[dict[str, Any]], default_limit: int | None) -> None:
         attempt = "-" if row["attempt"] is None else str(row["attempt"])
         table.add_row(str(row["seq"]), row["recorded_utc"], row["job_id"], attempt, row["type"],
                       team_project, summarize_data(row["data"]))
-    Console().print(table)
+    console().print(table)
     if default_limit is not None and len(rows) == default_limit:
         typer.echo(f"showing the newest {default_limit} matching events; use --limit or "
                    "--format csv for more", err=True)
@@ -131,10 +131,15 @@ def audit_verify(
     sys.exit(1)
 
 
+_MAX_SEQ = 2**63 - 1  # SQLite's largest INTEGER
+
+
 def _parse_head(text: str) -> tuple[int, str]:
     seq_text, _, hash_text = text.partition(":")
     valid_hash = len(hash_text) == 64 and all(c in "0123456789abcdef" for c in hash_text)
-    if not seq_text.isdigit() or not valid_hash:
+    valid_seq = (seq_text.isascii() and seq_text.isdigit() and len(seq_text) <= 19
+                 and 1 <= int(seq_text) <= _MAX_SEQ)
+    if not valid_seq or not valid_hash:
         raise GpujobsError(
             f"invalid --head {text!r}; use SEQ:HASH as printed by `gpujobs audit head`"
         )
@@ -186,4 +191,4 @@ def audit_sql(
     table = Table(*columns)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
-    Console().print(table)
+    console().print(table)

@@ -17,6 +17,7 @@ from journal.errors import (
     StoreClosed,
     VersionConflict,
 )
+from journal.encoding import decode_data
 from journal.readonly import QueryLimits, connect_readonly, readonly_uri, run_readonly_query
 from journal.records import NewEvent, Projection, RecordedEvent, VerifyResult, WriterStats
 from journal.store import EventStore
@@ -42,6 +43,7 @@ __all__ = [
     "VersionConflict",
     "WriterStats",
     "connect_readonly",
+    "decode_data",
     "readonly_uri",
     "run_readonly_query",
     "read_head",

@@ -108,6 +108,16 @@ def upcast(
 def decode_row(row: tuple, upcasters: Upcasters) -> RecordedEvent:
     """Build a RecordedEvent from a row selected with EVENT_COLUMNS."""
     seq, stream, version, event_type, schema_version, data_json, recorded_at, row_hash = row
+    data = decode_data(seq, data_json)
+    if upcasters:
+        schema_version, data = upcast(upcasters, event_type, schema_version, data)
+    return RecordedEvent(
+        seq, stream, version, event_type, schema_version, data, recorded_at, row_hash
+    )
+
+
+def decode_data(seq: int, data_json: str) -> dict[str, Any]:
+    """Parse a stored row's data; raises CorruptJournal naming seq when it is not a JSON object."""
     try:
         data = json.loads(data_json)
     except (TypeError, ValueError) as exc:
@@ -120,8 +130,4 @@ def decode_row(row: tuple, upcasters: Upcasters) -> RecordedEvent:
             f"event seq {seq} has data of type {type(data).__name__}, expected a JSON object",
             seq=seq,
         )
-    if upcasters:
-        schema_version, data = upcast(upcasters, event_type, schema_version, data)
-    return RecordedEvent(
-        seq, stream, version, event_type, schema_version, data, recorded_at, row_hash
-    )
+    return data

@@ -18,6 +18,7 @@ from journal.errors import (
     CorruptJournal,
     InvalidQuery,
     JournalError,
+    JournalLocked,
     ReadOnlyViolation,
     StorageError,
     sqlite_errors,
@@ -151,12 +152,28 @@ def run_readonly_query(
 
     `limits` bounds the statement's run time and the rows it returns. Reaching either raises
     InvalidQuery, whose message names the limit and the `gpujobs audit sql` option that sets it.
+    Waiting for a lock that another connection holds counts toward the time limit.
     """
-    conn = connect_readonly(path)
+    limits = limits or QueryLimits()
     try:
-        return _run(conn, path, sql, params, limits or QueryLimits())
+        conn = connect_readonly(path, _lock_wait_s(limits))
+    except JournalLocked as exc:
+        raise _locked(path, limits) from exc
+    try:
+        return _run(conn, path, sql, params, limits)
     finally:
         conn.close()
+
+
+def _lock_wait_s(limits: QueryLimits) -> float:
+    return 30.0 if limits.timeout_s is None else limits.timeout_s
+
+
+def _locked(path: str | Path, limits: QueryLimits) -> JournalLocked:
+    return JournalLocked(
+        f"journal {path} is locked: another connection held its lock for more than "
+        f"{_lock_wait_s(limits):g} s; stop the other writer, or raise --timeout-s"
+    )
 
 
 def _run(
@@ -176,9 +193,9 @@ def _run(
                 f"query on journal {path} timed out after {limits.timeout_s:g} s and was "
                 "stopped; narrow it with WHERE or LIMIT, or raise --timeout-s"
             ) from exc
-        raise _classify(authorizer, path, sql, exc) from exc
+        raise _classify(authorizer, path, sql, exc, limits) from exc
     except sqlite3.Error as exc:
-        raise _classify(authorizer, path, sql, exc) from exc
+        raise _classify(authorizer, path, sql, exc, limits) from exc
     except sqlite3.Warning as exc:
         raise _query_error(path, sql, exc) from exc
     columns = [column[0] for column in cursor.description or ()]
@@ -197,15 +214,18 @@ def _fetch_rows(cursor: sqlite3.Cursor, max_rows: int | None) -> list[tuple]:
 
 
 def _classify(
-    authorizer: _Authorizer, path: str | Path, sql: str, exc: sqlite3.Error
+    authorizer: _Authorizer, path: str | Path, sql: str, exc: sqlite3.Error, limits: QueryLimits
 ) -> JournalError:
+    lowered = str(exc).lower()
+    if "locked" in lowered or "busy" in lowered:
+        return _locked(path, limits)
     denied = authorizer.denied_kind(sql)
     if denied is not None:
         return ReadOnlyViolation(
             f"rejected {denied}: audit queries are read-only; "
             "use SELECT or a PRAGMA that only reads"
         )
-    if "readonly" in str(exc).lower() or "read-only" in str(exc).lower():
+    if "readonly" in lowered or "read-only" in lowered:
         return ReadOnlyViolation(
             f"rejected statement: it would write to {path} ({exc}); audit queries are read-only"
         )

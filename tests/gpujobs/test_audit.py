@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from journal import EventStore, ReadOnlyViolation
+from journal import CorruptJournal, EventStore, JournalLocked, ReadOnlyViolation
 
 from gpujobs import events as ev
 from gpujobs.audit import AuditFilters, parse_time, query_events, write_csv, write_jsonl
@@ -321,14 +321,25 @@ def test_cli_sql_rejects_writes(cli_home, sql, kind):
     assert path.read_bytes() == before
 
 
-def tamper(path: Path, seq: int) -> None:
+def tamper(path: Path, seq: int, data: str = '{"amount_usd":0.01}') -> None:
     """Change one event's data behind the triggers' back, as an attacker with the file could."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("DROP TRIGGER events_reject_update")
-        conn.execute("UPDATE events SET data = ? WHERE seq = ?", ('{"amount_usd":0.01}', seq))
+        conn.execute("UPDATE events SET data = ? WHERE seq = ?", (data, seq))
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("output", [(), ("--format", "jsonl"), ("--format", "csv"), ("--json",)])
+def test_cli_listing_names_undecodable_row(cli_home, output):
+    path, recorded = cli_home
+    tamper(path, recorded[2].seq, "{not json")
+
+    result = invoke(*output)
+
+    assert isinstance(result.exception, CorruptJournal), result.output
+    assert str(result.exception).startswith(f"event seq {recorded[2].seq} has undecodable data")
 
 
 def test_cli_verify_names_tampered_row(cli_home):
@@ -357,3 +368,20 @@ def test_verify_subprocess_exit_codes(cli_home):
                             timeout=60)
     assert broken.returncode == 1
     assert f"fails verification at seq {recorded[3].seq}" in broken.stderr
+
+
+def test_cli_sql_lock_wait_counts_toward_timeout(cli_home):
+    path, _ = cli_home
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("SELECT count(*) FROM events").fetchone()
+        holder.execute("COMMIT")  # the exclusive lock stays until the connection closes
+        result = invoke("sql", "--timeout-s", "1", "SELECT 1")
+    finally:
+        holder.close()
+
+    assert isinstance(result.exception, JournalLocked), result.output
+    assert "held its lock for more than 1 s; stop the other writer, or raise --timeout-s" in str(
+        result.exception)
