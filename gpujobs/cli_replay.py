@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from gpujobs.cli_console import console as make_console
 from gpujobs.errors import GpujobsError, JobNotFound
 from gpujobs.jobs import journal_exists, open_journal
 from gpujobs.replay import check_projections, replay_job
@@ -20,8 +20,13 @@ from gpujobs.settings import Settings
 def replay_command(settings: Settings, job: str | None, at: str | None, all_jobs: bool,
                    check: bool, json_output: bool) -> None:
     if all_jobs:
+        if job is not None or at is not None:
+            raise GpujobsError("--all replays every job to now; leave out --job and --at, or "
+                               "drop --all to replay one job")
         asyncio.run(_replay_all(settings, check, json_output))
         return
+    if check:
+        raise GpujobsError("--check compares every stored projection; use it with --all")
     if job is None:
         raise GpujobsError("give --job ID (see `gpujobs status`), or --all --check")
     from gpujobs.audit import parse_time
@@ -45,7 +50,7 @@ async def _replay_one(settings: Settings, job_id: str, at: float | None) -> Any:
 
 
 def _print_replay(result: Any) -> None:
-    console = Console()
+    console = make_console()
     when = f" as of {_iso(result.as_of)}" if result.as_of is not None else ""
     checkpoint = result.last_checkpoint_step
     console.print(f"job {result.job_id}{when}: [bold]{result.state}[/bold], "

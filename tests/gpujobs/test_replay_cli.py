@@ -195,13 +195,27 @@ def test_verify_head_catches_rewritten_row(home):
     assert f"seq {recorded[-1].seq} has hash {recorded[-1].hash[:16]}..." in result.output
 
 
-@pytest.mark.parametrize("text", ["12", "x:" + "a" * 64, "3:abc", "3:" + "G" * 64])
+@pytest.mark.parametrize("text", [
+    "12", "x:" + "a" * 64, "3:abc", "3:" + "G" * 64, "0:" + "a" * 64,
+    "99999999999999999999:" + "a" * 64, "\u0663:" + "a" * 64, "9" * 5000 + ":" + "a" * 64,
+])
 def test_verify_rejects_malformed_head(home, text):
     result = invoke("audit", "verify", "--head", text)
     assert isinstance(result.exception, GpujobsError)
     assert str(result.exception) == (
         f"invalid --head {text!r}; use SEQ:HASH as printed by `gpujobs audit head`"
     )
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--all", "--job", "job-a"), "--all replays every job to now; leave out --job and --at"),
+    (("--all", "--at", "2026-01-01"), "--all replays every job to now; leave out --job and --at"),
+    (("--job", "job-a", "--check"), "--check compares every stored projection; use it with --all"),
+])
+def test_replay_rejects_mixed_options(home, args, message):
+    result = invoke("replay", *args)
+    assert isinstance(result.exception, GpujobsError)
+    assert str(result.exception).startswith(message)
 
 
 def test_replay_rejects_supervisor_stream(home):
