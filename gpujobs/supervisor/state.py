@@ -246,6 +246,8 @@ class JobTable:
         if job_id in self.jobs:
             return True
         async with self._lock:
+            if job_id in self.jobs:  # a fold loaded it while this waited for the lock
+                return True
             job = await self._load_job(job_id)
             if job is None:
                 return False
@@ -253,15 +255,27 @@ class JobTable:
             return True
 
     async def _load_job(self, job_id: str) -> dict[str, Any] | None:
-        """Rebuild a job that is not in memory (it ended before this start) from its stream."""
-        for number in self.attempts.pop(job_id, {}):
-            self.live.pop((job_id, number), None)
+        """Rebuild a job that is not in memory (it ended before this start) from its stream.
+
+        Its attempt rows are replaced only after the read, so that readers never see a job
+        without them.
+        """
+        events = await self.store.read_stream(job_id)
         rebuilt: dict[str, Any] | None = None
-        for event in await self.store.read_stream(job_id):
+        attempts: dict[int, dict[str, Any]] = {}
+        for event in events:
             if event.seq > self.seq:
                 break
             rebuilt = fold_job(rebuilt, event)
-            self._fold_attempt(event)
+            if "attempt" in event.data:
+                number = int(event.data["attempt"])
+                row = fold_attempt(attempts.get(number), event)
+                if row is not None:
+                    attempts[number] = row
+        for number in self.attempts.pop(job_id, {}):
+            self.live.pop((job_id, number), None)
+        for number, row in attempts.items():
+            self._put_attempt(job_id, number, row)
         return rebuilt
 
     def _fold_attempt(self, event: RecordedEvent) -> None:

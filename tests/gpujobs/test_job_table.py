@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 
 from journal import EventStore
@@ -114,3 +115,28 @@ async def test_settings_kept_beside_untracked_rows(tmp_path):
             assert rows.metrics("job-3") == {"accuracy": 0.9}
             assert rows.jobs["job-3"]["state"] == "done"
             assert rows.spec("job-1") is rows.spec("job-2")  # equal dicts are stored once
+
+
+async def test_concurrent_loads_read_once(tmp_path, monkeypatch):
+    async with await EventStore.open(tmp_path / "journal.db",
+                                     projections=[JobsProjection()]) as store:
+        await append(store, "job-1", [submitted("job-1")], 0)
+        await append(store, "job-1", [ev.InstanceRequested(1, 7, label_for("job-1", 1)),
+                                      ev.InstanceCreated(1, 11, label_for("job-1", 1), 0.2)], 1)
+        table = JobTable(store)
+        table.seq = await store.last_seq()  # as after a start that did not load job-1
+        seen_during_reads = []
+        read_stream = store.read_stream
+
+        async def recording_read(stream: str, **kwargs):
+            events = await read_stream(stream, **kwargs)
+            seen_during_reads.append((stream in table.jobs, table.attempts.get(stream)))
+            return events
+
+        monkeypatch.setattr(store, "read_stream", recording_read)
+        loaded = await asyncio.gather(table.ensure_loaded("job-1"), table.ensure_loaded("job-1"))
+
+    assert loaded == [True, True]
+    assert seen_during_reads == [(False, None)]  # the second call found the job loaded
+    assert table.attempts["job-1"][1]["status"] == "created"
+    assert list(table.live) == [("job-1", 1)]
