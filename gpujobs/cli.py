@@ -6,6 +6,7 @@ Expected errors print one line that names what is wrong and what to do, and exit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -14,10 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich import box
-from rich.console import Console
-from rich.table import Column, Table
 
+from gpujobs.cli_console import console
 from gpujobs.errors import ConfigError, GpujobsError
 from gpujobs.settings import Settings, load_settings
 
@@ -36,7 +35,7 @@ app.command("offers")(cli_offers.offers)
 app.command("cost-report")(cli_cost.cost_report)
 app.command("logs")(logs)
 app.add_typer(data_app, name="data")
-out = Console()
+
 EXIT_USAGE = 2
 
 
@@ -70,8 +69,9 @@ def demo(
                f" and {summary['preemptions']} preemption")
     typer.echo(f"  states visited: {' -> '.join(summary['states_visited'])}")
     last = summary["last_checkpoint_step_before_preemption"]
-    if last is not None and last > summary["preempted_at_step"]:
-        typer.echo(f"  preempted at step {summary['preempted_at_step']}; the worker saved an "
+    if last is not None and last > summary["checkpoint_step_at_preemption"]:
+        typer.echo(f"  preempted at step {summary['preempted_at_step']}, with the last checkpoint "
+                   f"at step {summary['checkpoint_step_at_preemption']}; the worker saved an "
                    f"emergency checkpoint at step {last} within its grace period")
     typer.echo(f"  last durable checkpoint before the preemption: step "
                f"{summary['last_checkpoint_step_before_preemption']}; resumed from step "
@@ -87,28 +87,37 @@ def demo(
 def submit(
     spec_file: Optional[Path] = typer.Argument(None, help="Job spec YAML file."),
     profile: Optional[str] = typer.Option(None, help="GPU profile name (see `gpujobs profiles`)."),
-    name: str = typer.Option("digits", help="Job name, used as the prefix of its id."),
-    team: str = typer.Option("default", help="Team the job is billed to."),
-    project: str = typer.Option("default", help="Project the job is billed to."),
-    total_steps: int = typer.Option(600, min=1, help="Training steps."),
+    name: Optional[str] = typer.Option(
+        None, help="Job name, used as the prefix of its id (default: digits)."),
+    team: Optional[str] = typer.Option(
+        None, help="Team the job is billed to (default: default)."),
+    project: Optional[str] = typer.Option(
+        None, help="Project the job is billed to (default: default)."),
+    total_steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: 600)."),
     env: Optional[str] = typer.Option(
         None, "--env", help="Environment whose profile overrides apply (default: GPUJOBS_ENV)."),
     json_output: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Submit a job; a running `gpujobs supervise` picks it up."""
+    """Submit a job; a running `gpujobs supervise` picks it up.
+
+    With a spec file, the options given replace the file's values.
+    """
     from gpujobs.jobs import submit as submit_job
     from gpujobs.jobspec import JobSpec, check_name, load_spec
     from gpujobs.profiles import environment_from
 
+    options = {"profile": profile, "name": name, "team": team, "project": project,
+               "total_steps": total_steps}
+    overrides = {key: value for key, value in options.items() if value is not None}
+    for key, what in (("name", "job name"), ("team", "team"), ("project", "project")):
+        if key in overrides:
+            check_name(overrides[key], what)
     if spec_file is not None:
-        spec = load_spec(spec_file)
+        spec = dataclasses.replace(load_spec(spec_file), **overrides)
     elif profile is None:
         raise GpujobsError("give a job spec file or --profile NAME (see `gpujobs profiles`)")
     else:
-        for value, what in ((name, "job name"), (team, "team"), (project, "project")):
-            check_name(value, what)
-        spec = JobSpec(name=name, profile=profile, team=team, project=project,
-                       total_steps=total_steps)
+        spec = JobSpec(**{"name": "digits", **overrides})
     settings = _settings().replace(env=environment_from(env))
     job_id = asyncio.run(submit_job(settings, spec))
     if json_output:
@@ -123,27 +132,20 @@ def status(
     json_output: bool = typer.Option(False, "--json"),
 ) -> None:
     """List jobs with their state, progress and cost."""
-    from gpujobs.jobs import list_jobs
+    from gpujobs.cli_status import status_table
+    from gpujobs.jobs import journal_exists, list_jobs
 
-    jobs = asyncio.run(list_jobs(_settings(), job_id))
+    settings = _settings()
+    jobs = asyncio.run(list_jobs(settings, job_id))
     if json_output:
         _print_json([j.to_dict() for j in jobs])
         return
-    # Ids, states and figures never wrap or shrink, so a narrow terminal squeezes the text
-    # columns instead; the borderless box leaves them more room.
-    table = Table(Column("job", no_wrap=True, min_width=max((len(j.job_id) for j in jobs),
-                                                          default=3)),
-                  Column("state", no_wrap=True), Column("attempt", no_wrap=True),
-                  "profile", "team/project", Column("step", no_wrap=True),
-                  Column("checkpoint", no_wrap=True), Column("preemptions", no_wrap=True),
-                  Column("cost $", no_wrap=True), Column("reason", ratio=1),
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    for j in jobs:
-        state = j.state if j.queue_position is None else f"{j.state} #{j.queue_position}"
-        table.add_row(j.job_id, state, str(j.attempt), j.profile, f"{j.team}/{j.project}",
-                      f"{j.step}/{j.total_steps}", str(j.last_checkpoint_step or "-"),
-                      str(j.preemptions), f"{j.cost_usd:.4f}", j.wait_reason or j.reason or "")
-    out.print(table)
+    if not jobs and not journal_exists(settings):
+        typer.echo(f"no jobs: no journal at {settings.journal_path} yet; submit a job first, or "
+                   "set GPUJOBS_HOME to the folder that contains journal.db", err=True)
+        return
+    output = console()
+    output.print(status_table(jobs, output.width))
 
 
 @app.command()

@@ -7,21 +7,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from gpujobs.cli_console import console
 from gpujobs.cost_report import (
     FORMATS, GROUPINGS, ReconcileRow, ReportRow, check_plot_grouping, format_rows,
     load_job_costs, parse_time, plot_report, reconcile, report_rows, total_row,
 )
 from gpujobs.errors import GpujobsError
 from gpujobs.settings import Settings, load_settings
-
-
-
-def _console() -> Console:
-    """Create a console at call time, so that COLUMNS set after import applies."""
-    return Console()
 
 
 async def build_report(settings: Settings, by: str, since: float | None, until: float | None,
@@ -86,7 +80,7 @@ def print_table(rows: list[ReportRow], by: str) -> None:
         table.add_row(row.group, str(row.jobs), str(row.attempts), f"{row.cost_usd:.4f}",
                       f"{row.useful_usd:.4f}", f"{row.provisioning_usd:.4f}",
                       f"{row.lost_usd:.4f}", f"{row.idle_usd:.4f}", f"{row.waste_pct:.1f}")
-    _console().print(table)
+    console().print(table)
 
 
 def _print_reconcile(rows: list[ReportRow], by: str, checked: list[ReconcileRow],
@@ -111,7 +105,7 @@ def _print_reconcile(rows: list[ReportRow], by: str, checked: list[ReconcileRow]
         charged = "-" if row.charged_usd is None else f"{row.charged_usd:.6f}"
         table.add_row(str(row.instance_id), row.job_id or "-", str(row.attempt or "-"),
                       f"{row.journal_usd:.6f}", charged, f"{row.diff_usd:+.6f}", status)
-    _console().print(table)
+    console().print(table)
     if any(not (row.matches or row.live or row.settled) for row in checked):
         typer.echo("The supervisor settles each destroyed instance against the charges "
                    "(supervise --settle-delay-s, 300 s by default); until then the journal "

@@ -28,8 +28,12 @@ def push(
         return
     typer.echo(result.uri)
     summary = (
-        f"stored {result.uploaded_files} files ({result.size_bytes} bytes)"
+        f"uploaded {_files(result.uploaded_files)} ({result.size_bytes} bytes)"
         if result.uploaded_files
         else "already stored; nothing uploaded"
     )
-    typer.echo(f"{result.file_count} files, {summary}", err=True)
+    typer.echo(f"{_files(result.file_count)}, {summary}", err=True)
+
+
+def _files(count: int) -> str:
+    return f"{count} file" if count == 1 else f"{count} files"

@@ -7,9 +7,9 @@ import json
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
+from gpujobs.cli_console import console
 from gpujobs.offers import RankedOffer, Rejected, load_failed_hosts, rank_offers
 from gpujobs.profiles import Profile, environment_from, get_profile, load_profiles
 from gpujobs.settings import Settings, load_settings
@@ -17,10 +17,6 @@ from gpujobs.vast.client import VastClient
 from gpujobs.vast.query import parse_query
 
 
-
-def _console() -> Console:
-    """Create a console at call time, so that COLUMNS set after import applies."""
-    return Console()
 SEARCH_LIMIT = 200
 
 
@@ -109,7 +105,7 @@ def print_listing(listing: dict[str, Any]) -> None:
                       f"{row['num_gpus']}x {row['gpu_name']}", f"{row['price_dph']:.3f}",
                       _num(row["dlperf"]), _num(row["reliability"], 3), _num(row["score"]),
                       row["reason"])
-    _console().print(table)
+    console().print(table)
     rejected = Table(Column("offer", no_wrap=True), Column("host", no_wrap=True), "gpu",
                      "dph_total", "reason",
                      title=f"{listing['rejected_total']} rejected")
@@ -117,7 +113,7 @@ def print_listing(listing: dict[str, Any]) -> None:
         rejected.add_row(str(row["offer_id"]), str(row["host_id"]),
                          f"{row['num_gpus']}x {row['gpu_name']}", _num(row["dph_total"], 3),
                          row["reason"])
-    _console().print(rejected)
+    console().print(rejected)
 
 
 def _num(value: float | None, digits: int = 1) -> str:

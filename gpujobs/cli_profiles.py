@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from gpujobs.cli_console import console
 from gpujobs.profiles import (
     Profile, environment_from, load_profiles, load_profiles_file, read_profiles_file,
 )
@@ -17,10 +17,6 @@ from gpujobs.settings import load_settings
 
 profiles_app = typer.Typer(invoke_without_command=True, help="List or validate GPU profiles.")
 
-
-def _console() -> Console:
-    """Create a console at call time, so that COLUMNS set after import applies."""
-    return Console()
 ENV_HELP = "Environment whose overrides apply (default: GPUJOBS_ENV)."
 
 
@@ -64,14 +60,17 @@ def profiles(
         table.add_row(p.name, "/".join(p.gpu_names), str(p.num_gpus), f"{p.max_dph:.2f}",
                       f"{p.reliability_min:.2f}", f"{p.max_duration_hours:g}", kind,
                       p.extra_filters)
-    _console().print(table)
+    console().print(table)
 
 
 @profiles_app.command("validate")
 def profiles_validate(
-    path: Path = typer.Argument(..., help="A gpu_profiles.yaml to check."),
+    path: Path = typer.Argument(..., help="A gpu_profiles.yaml or budgets.yaml to check."),
 ) -> None:
-    """Check a profiles file and each of its environments; report the first problem."""
+    """Check a profiles or budgets file and each of its environments; report the first problem."""
+    if _is_budgets_file(path):
+        typer.echo(_validate_budgets(path))
+        return
     found = load_profiles_file(path)
     environments = sorted(read_profiles_file(path).environments)
     for env in environments:
@@ -80,3 +79,26 @@ def profiles_validate(
     if environments:
         line += f"; environments: {', '.join(environments)}"
     typer.echo(line)
+
+
+def _is_budgets_file(path: Path) -> bool:
+    """Return True for a file with budgets.yaml's top-level keys and no profiles."""
+    from gpujobs.yamlfile import Located, load_yaml
+
+    document = load_yaml(path)
+    if not isinstance(document, Located) or "profiles" in document.values:
+        return False
+    return "budgets" in document.values or "on_exceeded" in document.values
+
+
+def _validate_budgets(path: Path) -> str:
+    from gpujobs.budgets import load_budgets, read_budgets_file
+
+    found = read_budgets_file(path)
+    environments = sorted(found.environments)
+    for env in environments:
+        load_budgets([path], env=env)
+    line = f"ok: {len(found.budgets)} budgets in {path}"
+    if environments:
+        line += f"; environments: {', '.join(environments)}"
+    return line

@@ -129,7 +129,7 @@ async def _preempt_midway(options: DemoOptions, emulator: Emulator, supervisor: 
     asyncio.get_running_loop().create_task(
         emulator.preempt(instance_id, sigterm=True, grace_s=options.grace_period_s)
     )
-    return {"instance_id": instance_id, "step": step}
+    return {"instance_id": instance_id, "step": step, "checkpoint": job["last_checkpoint_step"]}
 
 
 def _is_settled(supervisor: Supervisor, job_id: str) -> bool:
@@ -164,6 +164,7 @@ async def _summary(settings: Settings, emulator: Emulator, supervisor: Superviso
         "attempts": replay.attempts,
         "preemptions": replay.preemptions,
         "preempted_at_step": preempted["step"],
+        "checkpoint_step_at_preemption": preempted["checkpoint"],
         "last_checkpoint_step_before_preemption": max(before) if before else None,
         "resumed_from_step": replay.resumed_from_step,
         "test_accuracy": supervisor.table.metrics(job_id).get("test_accuracy"),

@@ -20,6 +20,8 @@ SPEC_KEYS = {
 MAX_SEED = 2**32 - 1  # NumPy's legacy seeding, which the worker uses, takes 0..2**32 - 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The GPUJOBS_ variables a job may set itself: inputs of the worker that gpujobs never sets.
+JOB_SETTABLE_ENV = ("GPUJOBS_DATASET_URI", "GPUJOBS_MODEL_URI", "GPUJOBS_CACHE_DIR")
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,11 @@ def _parse_env(value: Any, mapping: Located) -> dict[str, str]:
         )
     env = plain(value)
     for key, item in env.items():
-        if not _ENV_KEY.match(key) or key.startswith("GPUJOBS_"):
+        if not _ENV_KEY.match(key) or (key.startswith("GPUJOBS_") and key not in JOB_SETTABLE_ENV):
             raise ConfigError(
                 f"job spec: env: invalid variable name {key!r}; use letters, digits and '_', "
-                "and leave the GPUJOBS_ prefix to gpujobs",
+                "and leave the GPUJOBS_ prefix to gpujobs (except "
+                f"{', '.join(JOB_SETTABLE_ENV)})",
                 path=mapping.path, line=value.line_of(key), key=key,
             )
         if not isinstance(item, (str, int, float)) or isinstance(item, bool):

@@ -199,6 +199,42 @@ def test_status_on_new_home_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "home").exists()
 
 
+def test_status_table_names_missing_journal(tmp_path: Path) -> None:
+    done = run(["status"], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == (f"no jobs: no journal at {tmp_path / 'home' / 'journal.db'} yet; submit "
+                           "a job first, or set GPUJOBS_HOME to the folder that contains "
+                           "journal.db\n")
+    assert not (tmp_path / "home").exists()
+
+
+def test_submit_options_replace_spec_values(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: from-file\nprofile: dev-test\nteam: research\ntotal_steps: 50\n")
+
+    done = run(["submit", str(spec), "--name", "other", "--team", "infra", "--total-steps", "70",
+                "--json"], tmp_path)
+    listed = run(["status", "--json"], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert '"job_id": "other-' in done.stdout
+    assert listed.returncode == 0, listed.stderr
+    assert '"team": "infra"' in listed.stdout
+    assert '"total_steps": 70' in listed.stdout
+    assert '"project": "default"' in listed.stdout
+
+
+def test_submit_rejects_bad_name_with_spec(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: from-file\nprofile: dev-test\n")
+
+    done = run(["submit", str(spec), "--name", "-bad"], tmp_path)
+
+    assert_one_line_error(done, "invalid job name '-bad'")
+
+
 @pytest.mark.skipif(not can_mount_read_only(), reason="needs unshare for a read-only mount")
 def test_readers_work_in_read_only_home(home_with_job: Path) -> None:
     home = home_with_job / "home"

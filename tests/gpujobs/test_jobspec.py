@@ -52,7 +52,8 @@ CASES = [
      "starting with a letter or digit"),
     ("reserved env name", BASE + "env:\n  GPUJOBS_X: 1\n",
      "7: job spec: env: invalid variable name 'GPUJOBS_X'; use letters, digits and '_', and "
-     "leave the GPUJOBS_ prefix to gpujobs"),
+     "leave the GPUJOBS_ prefix to gpujobs (except GPUJOBS_DATASET_URI, GPUJOBS_MODEL_URI, "
+     "GPUJOBS_CACHE_DIR)"),
     ("env list value", BASE + "env:\n  A: [1]\n",
      "7: job spec: env: A: expected a string or number, got [1]"),
     ("env not mapping", BASE + "env: 3\n", "6: job spec: env: expected a mapping of NAME: value"),
@@ -94,6 +95,15 @@ def test_spec_reads_every_field(tmp_path: Path) -> None:
     assert spec.step_delay_s == 0.001
     assert spec.priority == -2
     assert spec.env == {"LR": "0.1", "N": "4"}
+
+
+def test_spec_env_sets_worker_inputs(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(BASE + "env:\n  GPUJOBS_DATASET_URI: file:///data/sha256-ab\n"
+                    "  GPUJOBS_MODEL_URI: s3://models/m.pt\n")
+    spec = load_spec(path)
+    assert spec.env == {"GPUJOBS_DATASET_URI": "file:///data/sha256-ab",
+                        "GPUJOBS_MODEL_URI": "s3://models/m.pt"}
 
 
 def test_spec_defaults_team_and_project(tmp_path: Path) -> None:

@@ -211,6 +211,21 @@ def test_profiles_validate_checks_environments(tmp_path: Path) -> None:
     assert "profile 'big': missing required key 'gpu_name'" in str(result.exception)
 
 
+def test_profiles_validate_shipped_budgets() -> None:
+    path = Path(__file__).resolve().parents[2] / "config" / "budgets.yaml"
+    result = CliRunner().invoke(profiles_app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"ok: 3 budgets in {path}; environments: dev, prod"
+
+
+def test_profiles_validate_rejects_bad_budget(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text("budgets:\n  - team: research\n    limit_usd: .nan\n    period: day\n")
+    result = CliRunner().invoke(profiles_app, ["validate", str(path)])
+    assert result.exit_code != 0
+    assert "limit_usd: expected a finite number, got .nan" in str(result.exception)
+
+
 def test_profiles_list_json_with_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "config"
     config.mkdir()
