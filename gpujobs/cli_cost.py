@@ -69,7 +69,7 @@ def cost_report(
         _print_reconcile(rows, by, checked, fmt)
     if plot is not None:
         typer.echo(f"plot written to {plot}", err=True)
-    if check and not all(row.matches or row.live for row in checked):
+    if check and not all(row.matches or row.live or not row.settled for row in checked):
         raise typer.Exit(1)
 
 
@@ -101,10 +101,11 @@ def _print_reconcile(rows: list[ReportRow], by: str, checked: list[ReconcileRow]
         if not row.matches:
             status = "live: journal lags" if row.live else "MISMATCH"
             if not row.live and not row.settled:
-                status = "MISMATCH: estimate, not settled yet"
+                status = "pending: estimate, not settled yet"
         charged = "-" if row.charged_usd is None else f"{row.charged_usd:.6f}"
+        diff = round(row.diff_usd, 6) + 0.0  # + 0.0 turns -0.0 into 0.0
         table.add_row(str(row.instance_id), row.job_id or "-", str(row.attempt or "-"),
-                      f"{row.journal_usd:.6f}", charged, f"{row.diff_usd:+.6f}", status)
+                      f"{row.journal_usd:.6f}", charged, f"{diff:+.6f}", status)
     console().print(table)
     if any(not (row.matches or row.live or row.settled) for row in checked):
         typer.echo("The supervisor settles each destroyed instance against the charges "

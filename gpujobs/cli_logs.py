@@ -144,6 +144,11 @@ def _not_found(job_id: str, attempt: int | None, attempts: list[int], state: Job
         return LogNotFound(
             f"job {job_id} has no log for attempt {attempt}; attempts with a log: {listed}"
         )
+    if state.is_terminal:
+        return LogNotFound(
+            f"job {job_id} ended ({state.value}) without a log: no worker of it uploaded one, "
+            "so there is nothing to show"
+        )
     return LogNotFound(
         f"job {job_id} has no log yet (state {state.value}); its worker uploads one while it "
         f"runs: retry later or run `gpujobs logs {job_id} --follow`"

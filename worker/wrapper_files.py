@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from worker.background import BackgroundLoop
-from worker.storage import Storage, StorageError
+from worker.storage import InvalidKey, Storage, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class PlainFileSync:
         self._previous_scan: dict[str, Signature] = {}
         self._uploaded: dict[str, Signature] = {}
         self._uploads: list[concurrent.futures.Future[None]] = []
+        self._unstorable: set[str] = set()  # names that no storage key can carry
 
     def restore(self, timeout_s: float) -> list[str]:
         """Download every stored plain file into the folder; return their relative paths."""
@@ -99,6 +100,8 @@ class PlainFileSync:
         current = plain_files(self.folder)
         started = []
         for relative, signature in sorted(current.items()):
+            if relative in self._unstorable:
+                continue
             stable = final or self._previous_scan.get(relative) == signature
             if stable and self._uploaded.get(relative) != signature:
                 self._uploaded[relative] = signature
@@ -110,6 +113,10 @@ class PlainFileSync:
     async def _upload(self, relative: str) -> None:
         try:
             await self.storage.put_file(f"{WRAPPER_FILES_DIR}/{relative}", self.folder / relative)
+        except InvalidKey as exc:  # retrying cannot help
+            self._unstorable.add(relative)
+            logger.warning("checkpoint file %s is never uploaded: %s; rename it", relative, exc)
+            return
         except (StorageError, OSError) as exc:
             self._uploaded.pop(relative, None)  # so that the next scan tries again
             logger.warning("could not upload checkpoint file %s: %s", relative, exc)
@@ -123,7 +130,11 @@ class PlainFileSync:
         """Return True when every plain file in the folder is stored as it is now on disk."""
         if not self.wait(0):
             return False
-        return all(self._uploaded.get(rel) == sig for rel, sig in plain_files(self.folder).items())
+        return all(
+            self._uploaded.get(rel) == sig
+            for rel, sig in plain_files(self.folder).items()
+            if rel not in self._unstorable
+        )
 
     def wait(self, timeout_s: float) -> bool:
         """Wait for the uploads started so far; return False if some were still running."""

@@ -23,6 +23,11 @@ async def serve(port: int = 0, seed: int = 0, faults_path: Path | None = None,
     """
     if not 0 <= port <= 65535:
         raise EmulatorError(f"invalid --port {port}; use 0 to 65535 (0 picks a free port)")
+    if not time_scale > 0:  # also rejects nan
+        raise EmulatorError(f"invalid --time-scale {time_scale:g}; use a number above 0 "
+                            "(emulated seconds per real second; 10 runs ten times faster)")
+    if not loading_s >= 0:
+        raise EmulatorError(f"invalid --loading-s {loading_s:g}; use 0 or more seconds")
     plan = FaultPlan.from_file(faults_path) if faults_path else FaultPlan()
     plan = plan.with_rules(extra_rules)
     emulator = Emulator(seed=seed, api_key=api_key, time_scale=time_scale,

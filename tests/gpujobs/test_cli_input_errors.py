@@ -51,6 +51,13 @@ def test_fault_plan_not_utf8(tmp_path: Path) -> None:
     assert_one_line_error(done, f"fault plan {plan} is not UTF-8", "byte 0xff", "save it as UTF-8")
 
 
+@pytest.mark.parametrize(("option", "value"), [("--time-scale", "0"), ("--time-scale", "nan"),
+                                               ("--loading-s", "-1")])
+def test_emulator_rejects_bad_timing(tmp_path: Path, option: str, value: str) -> None:
+    done = run(["emulator", option, value], tmp_path)
+    assert_one_line_error(done, f"invalid {option} {value}")
+
+
 @pytest.mark.parametrize("port", ["99999", "-1"])
 def test_emulator_port_out_of_range(tmp_path: Path, port: str) -> None:
     done = run(["emulator", "--port", port], tmp_path)

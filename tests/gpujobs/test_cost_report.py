@@ -139,8 +139,12 @@ async def test_reconcile_flags_differences() -> None:
 
 
 async def _journal(home: Path, instance_id: int = 77,
-                   amounts: tuple[float, float] = (0.25, 0.05)) -> None:
-    """Journal one finished job billed on `instance_id` at the two amounts, times now."""
+                   amounts: tuple[float, float] = (0.25, 0.05),
+                   settled_usd: float | None = None) -> None:
+    """Journal one finished job billed on `instance_id` at the two amounts, times now.
+
+    With `settled_usd`, the instance is then settled at that whole charge.
+    """
     store = await open_journal(load_settings(home=home))
     history = [
         ev.JobSubmitted("j1", "j", "red", "x", "dev-test", {}, {}),
@@ -154,11 +158,14 @@ async def _journal(home: Path, instance_id: int = 77,
         ev.CostAccrued(1, instance_id, amounts[1], 900.0, 0.2, 0.0),
         ev.InstanceDestroyed(1, instance_id),
     ]
+    if settled_usd is not None:
+        history.append(ev.CostAccrued(1, instance_id, settled_usd - sum(amounts), 0.0, 0.2, 0.0,
+                                      settled_usd=settled_usd))
     try:
         for event in history:
             if isinstance(event, ev.CostAccrued):
                 event = ev.CostAccrued(1, instance_id, event.amount_usd, event.billed_s, 0.2,
-                                       time.time())
+                                       time.time(), settled_usd=event.settled_usd)
             version = await store.stream_version("j1")
             await store.append("j1", [event.to_new_event()], expected_version=version)
     finally:
@@ -305,17 +312,31 @@ async def test_command_reconcile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert row["charged_usd"] == pytest.approx(charged_usd, rel=0.01)
     assert row["matches"] is True
 
-    # A journal that undercounts by half: exit status 1, the row reads MISMATCH.
+    # A journal that undercounts by half, not settled yet: its own estimate, so the row reads
+    # pending and the exit status stays 0.
     other = tmp_path / "other"
     monkeypatch.setenv("GPUJOBS_HOME", str(other))
     await _journal(other, instance_id, (charged_usd * 0.4, charged_usd * 0.1))
-    mismatched = await invoke("--reconcile", "--since", rented_from)
-    assert mismatched.exit_code == 1, mismatched.output
-    line = next(line for line in mismatched.stdout.splitlines() if str(instance_id) in line)
-    cells = [cell.strip() for cell in line.strip("│ ").split("│")]
-    assert cells[-1] == "MISMATCH: estimate, not settled yet"
-    assert "settles each destroyed instance against the charges" in mismatched.stdout
+    pending = await invoke("--reconcile", "--since", rented_from)
+    assert pending.exit_code == 0, pending.output
+    cells = reconcile_cells(pending.stdout, instance_id)
+    assert cells[-1] == "pending: estimate, not settled yet"
+    assert "settles each destroyed instance against the charges" in pending.stdout
     journal, charged, diff = (float(cell) for cell in cells[3:6])
     assert journal == pytest.approx(charged_usd * 0.5, abs=1e-6)
     assert charged == pytest.approx(charged_usd, rel=0.01)
     assert diff == pytest.approx(journal - charged, abs=2e-6)
+
+    # Settled at half the charge: exit status 1, the row reads MISMATCH.
+    settled = tmp_path / "settled"
+    monkeypatch.setenv("GPUJOBS_HOME", str(settled))
+    await _journal(settled, instance_id, (charged_usd * 0.4, charged_usd * 0.1),
+                   settled_usd=charged_usd * 0.5)
+    mismatched = await invoke("--reconcile", "--since", rented_from)
+    assert mismatched.exit_code == 1, mismatched.output
+    assert reconcile_cells(mismatched.stdout, instance_id)[-1] == "MISMATCH"
+
+
+def reconcile_cells(output: str, instance_id: int) -> list[str]:
+    line = next(line for line in output.splitlines() if str(instance_id) in line)
+    return [cell.strip() for cell in line.strip("│ ").split("│")]

@@ -222,3 +222,24 @@ def test_stop_child_kills_stubborn_group(tmp_path: Path) -> None:
         child.wait()
 
     assert code == -signal.SIGKILL
+
+
+UNSTORABLE_CHILD = """
+import os, time
+from pathlib import Path
+
+folder = Path(os.environ["GPUJOBS_CHECKPOINT_DIR"])
+(folder / "weird\\\\name.pt").write_text("no storage key can name this")
+(folder / "model.pt").write_text("weights")
+time.sleep(2)  # a few scans see the file
+print("child done", flush=True)
+"""
+
+
+def test_file_without_storage_key_warns_once(tmp_path: Path) -> None:
+    worker = run_child(tmp_path, UNSTORABLE_CHILD)
+
+    assert worker.process.returncode == protocol.EXIT_OK, worker.output()
+    assert len(worker.find(r"checkpoint file weird\\name.pt is never uploaded")) == 1
+    assert (tmp_path / "store" / WRAPPER_FILES_DIR / "model.pt").read_text() == "weights"
+    assert list((tmp_path / "scratch").iterdir()) == []
