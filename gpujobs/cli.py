@@ -6,7 +6,6 @@ Expected errors print one line that names what is wrong and what to do, and exit
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import math
@@ -113,7 +112,7 @@ def submit(
         if key in overrides:
             check_name(overrides[key], what)
     if spec_file is not None:
-        spec = dataclasses.replace(load_spec(spec_file), **overrides)
+        spec = load_spec(spec_file, overrides)
     elif profile is None:
         raise GpujobsError("give a job spec file or --profile NAME (see `gpujobs profiles`)")
     else:

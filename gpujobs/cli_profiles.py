@@ -82,13 +82,20 @@ def profiles_validate(
 
 
 def _is_budgets_file(path: Path) -> bool:
-    """Return True for a file with budgets.yaml's top-level keys and no profiles."""
+    """Return True for a file with budgets.yaml's keys, at the top or in an environment."""
     from gpujobs.yamlfile import Located, load_yaml
 
+    budget_keys = {"budgets", "on_exceeded"}
     document = load_yaml(path)
     if not isinstance(document, Located) or "profiles" in document.values:
         return False
-    return "budgets" in document.values or "on_exceeded" in document.values
+    if budget_keys & set(document.values):
+        return True
+    environments = document.values.get("environments")
+    if not isinstance(environments, Located):
+        return False
+    return any(isinstance(body, Located) and budget_keys & set(body.values)
+               for body in environments.values.values())
 
 
 def _validate_budgets(path: Path) -> str:

@@ -36,9 +36,7 @@ def status_table(jobs: list[JobStatus], width: int) -> Table:
     NOTE: a terminal narrower than job, state, step and cost together still cuts them.
     """
     cells = {header: [cell(j) for j in jobs] for header, cell, _ in _COLUMNS}
-    needed = {
-        header: max(len(header), *(len(text) for text in cells[header])) for header in cells
-    }
+    needed = {header: max([len(header), *map(len, cells[header])]) for header in cells}
     needed["reason"] = min(needed["reason"], REASON_MIN_WIDTH)
     shown = [header for header, _, _ in _COLUMNS]
     for header in DROP_ORDER:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +61,17 @@ def check_name(value: str, what: str) -> str:
     return value
 
 
-def parse_spec(mapping: Located) -> JobSpec:
+def parse_spec(mapping: Located, overrides: Mapping[str, Any] | None = None) -> JobSpec:
+    """Build a JobSpec from a spec file's mapping; `overrides` replace its values.
+
+    A key in `overrides` need not be in the file, even one the file must otherwise have.
+    """
+    overrides = overrides or {}
     fields = FieldReader(mapping, "job spec")
     env = fields.raw("env")
     spec = JobSpec(
-        name=fields.string("name") or "",
-        profile=fields.string("profile") or "",
+        name=fields.string("name", required="name" not in overrides) or "",
+        profile=fields.string("profile", required="profile" not in overrides) or "",
         team=fields.string("team", required=False, default="default") or "default",
         project=fields.string("project", required=False, default="default") or "default",
         priority=fields.integer("priority", required=False, default=0, minimum=-1000,
@@ -88,6 +94,7 @@ def parse_spec(mapping: Located) -> JobSpec:
         env=_parse_env(env, mapping),
     )
     fields.reject_unknown(SPEC_KEYS)
+    spec = dataclasses.replace(spec, **overrides)
     for key, value, what in (("name", spec.name, "job name"), ("team", spec.team, "team"),
                              ("project", spec.project, "project")):
         try:
@@ -130,9 +137,12 @@ def _parse_env(value: Any, mapping: Located) -> dict[str, str]:
     return env
 
 
-def load_spec(path: Path) -> JobSpec:
-    """Read and check a job spec file; raises ConfigError naming file, line and key."""
+def load_spec(path: Path, overrides: Mapping[str, Any] | None = None) -> JobSpec:
+    """Read and check a job spec file; raises ConfigError naming file, line and key.
+
+    `overrides` replace the file's values (see parse_spec).
+    """
     document = load_yaml(path)
     if not isinstance(document, Located):
         raise ConfigError("expected a mapping of job settings (name, profile, ...)", path=str(path))
-    return parse_spec(document)
+    return parse_spec(document, overrides)

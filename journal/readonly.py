@@ -170,9 +170,12 @@ def _lock_wait_s(limits: QueryLimits) -> float:
 
 
 def _locked(path: str | Path, limits: QueryLimits) -> JournalLocked:
+    fix = "stop the other writer, or try again"
+    if limits.timeout_s is not None:
+        fix = "stop the other writer, or raise --timeout-s"
     return JournalLocked(
         f"journal {path} is locked: another connection held its lock for more than "
-        f"{_lock_wait_s(limits):g} s; stop the other writer, or raise --timeout-s"
+        f"{_lock_wait_s(limits):g} s; {fix}"
     )
 
 
@@ -216,9 +219,10 @@ def _fetch_rows(cursor: sqlite3.Cursor, max_rows: int | None) -> list[tuple]:
 def _classify(
     authorizer: _Authorizer, path: str | Path, sql: str, exc: sqlite3.Error, limits: QueryLimits
 ) -> JournalError:
-    lowered = str(exc).lower()
-    if "locked" in lowered or "busy" in lowered:
+    # By the result code, because a message contains "locked" when a column is named so.
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return _locked(path, limits)
+    lowered = str(exc).lower()
     denied = authorizer.denied_kind(sql)
     if denied is not None:
         return ReadOnlyViolation(

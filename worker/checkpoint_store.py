@@ -29,7 +29,7 @@ from worker.wire import MAX_WIRE_INT
 
 logger = logging.getLogger(__name__)
 
-_STEP_FOLDER = re.compile(rf"^{CHECKPOINTS_DIR}/step-(\d+)/")
+_STEP_FOLDER = re.compile(rf"^{CHECKPOINTS_DIR}/step-([0-9]+)/")
 
 
 class InvalidCheckpointData(Exception):

@@ -70,6 +70,11 @@ class PreemptionHandler:
         return self._requested.is_set()
 
     @property
+    def signal_number(self) -> int | None:
+        """The first stop signal received, None while none came (or a stop came another way)."""
+        return self._signalled
+
+    @property
     def reason(self) -> str | None:
         """Why the stop was requested: the first request's reason; None while none came."""
         self._take_signal()

@@ -12,6 +12,7 @@ becomes the attempt's log.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import re
@@ -41,7 +42,7 @@ DONE_MARKER = ".done"
 ARCHIVE_NAME = "payload.tar"
 ENV_RESUMED_FROM_STEP = "GPUJOBS_RESUMED_FROM_STEP"
 POLL_INTERVAL_S = 0.5
-_STEP_FOLDER = re.compile(r"^step-(\d+)$")
+_STEP_FOLDER = re.compile(r"^step-([0-9]+)$")
 
 
 def finished_steps(folder: Path, warned: set[str] | None = None) -> dict[int, Path]:
@@ -160,7 +161,7 @@ def _run_in(session: WorkerSession, command: list[str], folder: Path, run: _Run)
     try:
         _watch(session, child, folder, run, resumed)
     except BaseException:
-        _stop_child(child, session.config.grace_period_s)
+        _stop_child(child, session.preemption.remaining_grace_s())
         raise
     _sync(session, folder, run)
     files.scan(final=True)  # the child has exited, so its files are closed
@@ -179,15 +180,17 @@ def _watch(
     A child still running when the grace period of a stop request ends is killed.
     """
     preemption = session.preemption
-    forwarded: list[int] = []  # a list, because the signal handler may not take a lock
+    # next() on a count is atomic and takes no lock, so the signal handler may call forward
+    # too: the first caller gets 0 and forwards, any other returns.
+    calls = itertools.count()
 
     def forward(signum: int | None) -> None:
-        forwarded.append(signum or signal.SIGTERM)
-        _forward(child, signum or signal.SIGTERM)
+        if next(calls) == 0:
+            _forward(child, signum or signal.SIGTERM)
 
     preemption.on_request = forward
-    if preemption.stop_requested and not forwarded:  # it came between the check and Popen
-        forward(signal.SIGTERM)
+    if preemption.stop_requested:  # it came between the check and Popen
+        forward(preemption.signal_number)
     copier = threading.Thread(target=_copy_output, args=(child, session.capture), daemon=True)
     copier.start()
     session.started(resumed.step if resumed else 0, resumed)

@@ -21,7 +21,7 @@ from worker.storage import InvalidKey, Storage, StorageError
 logger = logging.getLogger(__name__)
 
 WRAPPER_FILES_DIR = "wrapper-files"
-_STEP_FOLDER = re.compile(r"^step-\d+$")
+_STEP_FOLDER = re.compile(r"^step-[0-9]+$")
 
 # A file's (size, modification time in ns) as one scan saw it.
 Signature = tuple[int, int]

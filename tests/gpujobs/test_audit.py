@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from journal import CorruptJournal, EventStore, JournalLocked, ReadOnlyViolation
+from journal import (
+    CorruptJournal,
+    EventStore,
+    InvalidQuery,
+    JournalLocked,
+    ReadOnlyViolation,
+)
 
 from gpujobs import events as ev
 from gpujobs.audit import AuditFilters, parse_time, query_events, write_csv, write_jsonl
@@ -385,3 +391,11 @@ def test_cli_sql_lock_wait_counts_toward_timeout(cli_home):
     assert isinstance(result.exception, JournalLocked), result.output
     assert "held its lock for more than 1 s; stop the other writer, or raise --timeout-s" in str(
         result.exception)
+
+
+def test_cli_sql_unknown_column_named_locked(cli_home):
+    result = invoke("sql", "SELECT locked FROM events")
+
+    assert isinstance(result.exception, InvalidQuery), result.output
+    assert "no such column: locked" in str(result.exception)
+

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from gpujobs.emulator import Emulator
+from gpujobs.jobs import open_journal
+from gpujobs.settings import load_settings
 from gpujobs.vast.client import VastClient
 from gpujobs.vast.errors import VastError
 from tests.gpujobs.test_cli_errors import assert_one_line_error, run
@@ -217,6 +219,20 @@ def test_status_table_names_missing_journal(tmp_path: Path) -> None:
     assert not (tmp_path / "home").exists()
 
 
+def test_status_of_empty_journal(tmp_path: Path) -> None:
+    async def create_journal() -> None:
+        store = await open_journal(load_settings(home=tmp_path / "home"))
+        await store.close()
+
+    asyncio.run(create_journal())  # as a supervisor leaves it before the first submit
+
+    done = run(["status"], tmp_path, COLUMNS="100")
+
+    assert done.returncode == 0, done.stderr
+    assert "job" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
 def test_submit_options_replace_spec_values(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text("name: from-file\nprofile: dev-test\nteam: research\ntotal_steps: 50\n")
@@ -231,6 +247,18 @@ def test_submit_options_replace_spec_values(tmp_path: Path) -> None:
     assert '"team": "infra"' in listed.stdout
     assert '"total_steps": 70' in listed.stdout
     assert '"project": "default"' in listed.stdout
+
+
+def test_submit_option_fills_missing_spec_key(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: from-file\n")
+
+    done = run(["submit", str(spec), "--profile", "dev-test", "--json"], tmp_path)
+    missing = run(["submit", str(spec)], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert '"job_id": "from-file-' in done.stdout
+    assert_one_line_error(missing, "missing required key 'profile'")
 
 
 def test_submit_rejects_bad_name_with_spec(tmp_path: Path) -> None:

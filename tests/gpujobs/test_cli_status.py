@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 from rich.console import Console
@@ -55,8 +56,16 @@ def test_wide_terminal_keeps_every_column() -> None:
     assert "waiting: team research is over its daily budget" in text
 
 
+def test_no_jobs_gives_headers_only() -> None:
+    table = status_table([], 80)
+
+    assert [str(column.header) for column in table.columns][:2] == ["job", "state"]
+    assert table.row_count == 0
+
+
 def test_piped_console_is_not_cut(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # not a terminal, even under pytest -s
 
     assert console().width == PIPED_WIDTH
 

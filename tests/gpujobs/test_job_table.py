@@ -140,3 +140,29 @@ async def test_concurrent_loads_read_once(tmp_path, monkeypatch):
     assert seen_during_reads == [(False, None)]  # the second call found the job loaded
     assert table.attempts["job-1"][1]["status"] == "created"
     assert list(table.live) == [("job-1", 1)]
+
+
+async def test_reload_keeps_attempts_during_read(tmp_path, monkeypatch):
+    async with await EventStore.open(tmp_path / "journal.db",
+                                     projections=[JobsProjection()]) as store:
+        await append(store, "job-1", [submitted("job-1")], 0)
+        await append(store, "job-1", [ev.InstanceRequested(1, 7, label_for("job-1", 1)),
+                                      ev.InstanceCreated(1, 11, label_for("job-1", 1), 0.2)], 1)
+        table = JobTable(store)
+        await table.catch_up()
+        del table.jobs["job-1"]  # its attempt rows stay, as for a job loaded for them alone
+        seen_during_read = []
+        read_stream = store.read_stream
+
+        async def recording_read(stream: str, **kwargs):
+            events = await read_stream(stream, **kwargs)
+            seen_during_read.append((dict(table.attempts.get(stream, {})), dict(table.live)))
+            return events
+
+        monkeypatch.setattr(store, "read_stream", recording_read)
+        assert await table.ensure_loaded("job-1")
+
+    ((attempts, live),) = seen_during_read
+    assert attempts[1]["status"] == "created"
+    assert list(live) == [("job-1", 1)]
+    assert table.attempts["job-1"][1]["status"] == "created"

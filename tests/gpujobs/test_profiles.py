@@ -218,6 +218,15 @@ def test_profiles_validate_shipped_budgets() -> None:
     assert result.output.strip() == f"ok: 3 budgets in {path}; environments: dev, prod"
 
 
+def test_profiles_validate_budgets_of_environments_only(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.yaml"
+    path.write_text("environments:\n  dev:\n    budgets:\n      - team: research\n"
+                    "        limit_usd: 5\n        period: day\n")
+    result = CliRunner().invoke(profiles_app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"ok: 0 budgets in {path}; environments: dev"
+
+
 def test_profiles_validate_rejects_bad_budget(tmp_path: Path) -> None:
     path = tmp_path / "budgets.yaml"
     path.write_text("budgets:\n  - team: research\n    limit_usd: .nan\n    period: day\n")

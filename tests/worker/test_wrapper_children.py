@@ -156,7 +156,7 @@ def test_stop_during_restore_skips_child(tmp_path: Path) -> None:
 
 
 def test_finished_steps_prefer_shortest_name(tmp_path: Path) -> None:
-    for name in ("step-010", "step-10", "step-0000005"):
+    for name in ("step-010", "step-10", "step-0000005", "step-\uff11\uff12"):  # fullwidth 12
         (tmp_path / name).mkdir()
         (tmp_path / name / ".done").touch()
 
