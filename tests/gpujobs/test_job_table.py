@@ -117,27 +117,39 @@ async def test_settings_kept_beside_untracked_rows(tmp_path):
             assert rows.spec("job-1") is rows.spec("job-2")  # equal dicts are stored once
 
 
+async def created_attempt(store: EventStore) -> None:
+    """Journal job-1 with attempt 1 created."""
+    await append(store, "job-1", [submitted("job-1")], 0)
+    await append(store, "job-1", [ev.InstanceRequested(1, 7, label_for("job-1", 1)),
+                                  ev.InstanceCreated(1, 11, label_for("job-1", 1), 0.2)], 1)
+
+
+def record_reads(monkeypatch, store: EventStore, table: JobTable) -> list[tuple]:
+    """Record, after each read_stream of the store, the table's attempt and live entries."""
+    seen: list[tuple] = []
+    read_stream = store.read_stream
+
+    async def recording_read(stream: str, **kwargs):
+        events = await read_stream(stream, **kwargs)
+        seen.append((stream in table.jobs, dict(table.attempts.get(stream, {})),
+                     dict(table.live)))
+        return events
+
+    monkeypatch.setattr(store, "read_stream", recording_read)
+    return seen
+
+
 async def test_concurrent_loads_read_once(tmp_path, monkeypatch):
     async with await EventStore.open(tmp_path / "journal.db",
                                      projections=[JobsProjection()]) as store:
-        await append(store, "job-1", [submitted("job-1")], 0)
-        await append(store, "job-1", [ev.InstanceRequested(1, 7, label_for("job-1", 1)),
-                                      ev.InstanceCreated(1, 11, label_for("job-1", 1), 0.2)], 1)
+        await created_attempt(store)
         table = JobTable(store)
         table.seq = await store.last_seq()  # as after a start that did not load job-1
-        seen_during_reads = []
-        read_stream = store.read_stream
-
-        async def recording_read(stream: str, **kwargs):
-            events = await read_stream(stream, **kwargs)
-            seen_during_reads.append((stream in table.jobs, table.attempts.get(stream)))
-            return events
-
-        monkeypatch.setattr(store, "read_stream", recording_read)
+        seen_during_reads = record_reads(monkeypatch, store, table)
         loaded = await asyncio.gather(table.ensure_loaded("job-1"), table.ensure_loaded("job-1"))
 
     assert loaded == [True, True]
-    assert seen_during_reads == [(False, None)]  # the second call found the job loaded
+    assert seen_during_reads == [(False, {}, {})]  # the second call found the job loaded
     assert table.attempts["job-1"][1]["status"] == "created"
     assert list(table.live) == [("job-1", 1)]
 
@@ -145,24 +157,14 @@ async def test_concurrent_loads_read_once(tmp_path, monkeypatch):
 async def test_reload_keeps_attempts_during_read(tmp_path, monkeypatch):
     async with await EventStore.open(tmp_path / "journal.db",
                                      projections=[JobsProjection()]) as store:
-        await append(store, "job-1", [submitted("job-1")], 0)
-        await append(store, "job-1", [ev.InstanceRequested(1, 7, label_for("job-1", 1)),
-                                      ev.InstanceCreated(1, 11, label_for("job-1", 1), 0.2)], 1)
+        await created_attempt(store)
         table = JobTable(store)
         await table.catch_up()
         del table.jobs["job-1"]  # its attempt rows stay, as for a job loaded for them alone
-        seen_during_read = []
-        read_stream = store.read_stream
-
-        async def recording_read(stream: str, **kwargs):
-            events = await read_stream(stream, **kwargs)
-            seen_during_read.append((dict(table.attempts.get(stream, {})), dict(table.live)))
-            return events
-
-        monkeypatch.setattr(store, "read_stream", recording_read)
+        seen_during_read = record_reads(monkeypatch, store, table)
         assert await table.ensure_loaded("job-1")
 
-    ((attempts, live),) = seen_during_read
+    ((_, attempts, live),) = seen_during_read
     assert attempts[1]["status"] == "created"
     assert list(live) == [("job-1", 1)]
     assert table.attempts["job-1"][1]["status"] == "created"
