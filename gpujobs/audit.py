@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,8 +48,13 @@ class AuditFilters:
 def parse_time(text: str) -> float:
     """Parse ISO 8601 (UTC when no zone is given) or unix seconds into unix seconds.
 
-    Raises GpujobsError for text that is neither, and for times outside the years 1970 to 9999.
+    A year alone (2030) or a year and month (2030-06) is ISO 8601's reduced precision: the
+    start of that year or month, not unix second 2030. Raises GpujobsError for text that is
+    none of these, and for times outside the years 1970 to 9999.
     """
+    reduced = _YEAR_MONTH.match(text.strip())
+    if reduced:
+        text = f"{reduced.group(1)}-{reduced.group(2) or '01'}-01"
     try:
         seconds = float(text)
     except ValueError:
@@ -59,6 +65,9 @@ def parse_time(text: str) -> float:
             "ISO 8601 (2026-12-04T16:30:00) or unix seconds in that range"
         )
     return seconds
+
+
+_YEAR_MONTH = re.compile(r"^([0-9]{4})(?:-(0[1-9]|1[0-2]))?$")
 
 
 def _parse_iso(text: str) -> float:

@@ -157,6 +157,9 @@ def test_parse_time_forms():
     assert parse_time("1796402612.5") == 1796402612.5
     assert parse_time("1970-01-01T00:01:00") == 60.0
     assert parse_time("1970-01-01T01:00:00+01:00") == 0.0
+    assert parse_time("2030") == parse_time("2030-01-01T00:00:00")
+    assert parse_time("2030-06") == parse_time("2030-06-01T00:00:00")
+    assert parse_time("100000") == 100000.0  # more than four digits: unix seconds
     with pytest.raises(GpujobsError, match="invalid time 'yesterday'; use ISO 8601"):
         parse_time("yesterday")
 
