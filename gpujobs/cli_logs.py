@@ -113,6 +113,8 @@ async def _follow(
             current = target
             await _write_new_lines(storage, target, printed, write)
         if state.is_terminal:
+            if current is None:  # it ended without a log to follow
+                raise _not_found(job_id, attempt, attempts, state)
             return
         await asyncio.sleep(poll_interval_s)
 

@@ -86,11 +86,12 @@ async def test_ended_job_without_log(settings) -> None:
     job_id = await new_job(settings)
     await end_job(settings, job_id)
 
-    with pytest.raises(LogNotFound) as caught:
-        await collect(settings, job_id)
+    for follow in (False, True):
+        with pytest.raises(LogNotFound) as caught:
+            await collect(settings, job_id, follow=follow)
 
-    assert str(caught.value) == (f"job {job_id} ended (cancelled) without a log: no worker of it "
-                                 "uploaded one, so there is nothing to show")
+        assert str(caught.value) == (f"job {job_id} ended (cancelled) without a log: no worker "
+                                     "of it uploaded one, so there is nothing to show")
 
 
 async def test_missing_attempt_lists_others(settings) -> None:
