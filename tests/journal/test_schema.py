@@ -7,7 +7,13 @@ import sqlite3
 import pytest
 
 from journal import EventStore, NewEvent, SchemaTooNew
-from journal.schema import LATEST_SCHEMA_VERSION, migrate
+from journal.schema import (
+    LATEST_SCHEMA_VERSION,
+    PAGE_SIZE,
+    WAL_CHECKPOINT_PAGES,
+    configure_writer,
+    migrate,
+)
 
 
 def user_version(path) -> int:
@@ -33,6 +39,45 @@ async def test_new_file_at_latest_version(tmp_path):
         pass
     assert user_version(path) == LATEST_SCHEMA_VERSION
     assert "events_by_type" in index_names(path)
+
+
+def pragma(path, name: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+async def test_new_file_gets_small_pages(tmp_path):
+    path = tmp_path / "journal.db"
+    async with await EventStore.open(path) as store:
+        await store.append("job-1", [NewEvent("JobSubmitted", {})], expected_version=0)
+    assert pragma(path, "page_size") == PAGE_SIZE == 1024
+
+
+def test_writer_checkpoints_late(tmp_path):
+    conn = sqlite3.connect(tmp_path / "journal.db", isolation_level=None)
+    try:
+        configure_writer(conn, "FULL")
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
+    finally:
+        conn.close()
+
+
+async def test_existing_file_keeps_page_size(tmp_path):
+    path = tmp_path / "journal.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA page_size=4096")
+    conn.execute("PRAGMA journal_mode=WAL")
+    migrate(conn, path)
+    conn.close()
+
+    async with await EventStore.open(path) as store:
+        await store.append("job-1", [NewEvent("JobSubmitted", {})], expected_version=0)
+        assert (await store.verify()).ok
+
+    assert pragma(path, "page_size") == 4096
 
 
 async def test_older_file_upgraded_on_open(tmp_path):
