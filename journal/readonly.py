@@ -60,6 +60,7 @@ _READ_PRAGMAS_WITH_ARGUMENT = frozenset({
     "foreign_key_list", "foreign_key_check", "integrity_check", "quick_check", "pragma_list",
     "function_list", "module_list", "collation_list", "database_list", "compile_options",
 })
+_SCHEMA_TABLES = ("sqlite_master", "sqlite_temp_master", "sqlite_schema")
 # Pragmas that write even without an argument.
 _WRITING_PRAGMAS = frozenset({"optimize", "wal_checkpoint", "incremental_vacuum", "shrink_memory"})
 
@@ -67,10 +68,17 @@ _WRITING_PRAGMAS = frozenset({"optimize", "wal_checkpoint", "incremental_vacuum"
 class _Authorizer:
     """sqlite3 authorizer that denies writes and remembers which statement kind it denied."""
 
-    def __init__(self) -> None:
+    def __init__(self, sql: str = "") -> None:
         self._denied: list[tuple[str, str]] = []
+        words = sql.split(None, 1)
+        self._plain_select = bool(words) and words[0].upper() in ("SELECT", "VALUES")
 
     def __call__(self, action: int, arg1: str | None, arg2: str | None, *_: object) -> int:
+        # A pragma function (FROM pragma_table_info('jobs')) makes SQLite ask to update the
+        # schema table. A statement that starts with SELECT or VALUES cannot write, so it may.
+        schema_update = action == sqlite3.SQLITE_UPDATE and (arg1 or "").lower() in _SCHEMA_TABLES
+        if schema_update and self._plain_select:
+            return sqlite3.SQLITE_OK
         kind = _DENIED_ACTIONS.get(action)
         if kind is None and action == sqlite3.SQLITE_PRAGMA:
             kind = _pragma_kind(arg1 or "", arg2)
@@ -88,7 +96,7 @@ class _Authorizer:
         if not self._denied:
             return None
         kind, target = self._denied[0]
-        if target.lower() in ("sqlite_master", "sqlite_temp_master", "sqlite_schema"):
+        if target.lower() in _SCHEMA_TABLES:
             words = sql.split(None, 1)
             return words[0].upper() if words else kind
         return kind
@@ -182,7 +190,7 @@ def _locked(path: str | Path, limits: QueryLimits) -> JournalLocked:
 def _run(
     conn: sqlite3.Connection, path: str | Path, sql: str, params: Sequence, limits: QueryLimits
 ) -> tuple[list[str], list[tuple]]:
-    authorizer = _Authorizer()
+    authorizer = _Authorizer(sql)
     conn.set_authorizer(authorizer)
     deadline = None if limits.timeout_s is None else time.monotonic() + limits.timeout_s
     if deadline is not None:

@@ -402,3 +402,9 @@ def test_cli_sql_unknown_column_named_locked(cli_home):
     assert isinstance(result.exception, InvalidQuery), result.output
     assert "no such column: locked" in str(result.exception)
 
+
+def test_cli_sql_reads_pragma_function(cli_home):
+    result = invoke("sql", "SELECT name FROM pragma_table_info('jobs') WHERE cid = 0", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == [{"name": "job_id"}]
