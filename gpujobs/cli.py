@@ -108,9 +108,9 @@ def submit(
     options = {"profile": profile, "name": name, "team": team, "project": project,
                "total_steps": total_steps}
     overrides = {key: value for key, value in options.items() if value is not None}
-    for key, what in (("name", "job name"), ("team", "team"), ("project", "project")):
+    for key, label in (("name", "job name"), ("team", "team"), ("project", "project")):
         if key in overrides:
-            check_name(overrides[key], what)
+            check_name(overrides[key], label)
     if spec_file is not None:
         spec = load_spec(spec_file, overrides)
     elif profile is None:

@@ -38,18 +38,18 @@ def status_table(jobs: list[JobStatus], width: int) -> Table:
     cells = {header: [cell(j) for j in jobs] for header, cell, _ in _COLUMNS}
     needed = {header: max([len(header), *map(len, cells[header])]) for header in cells}
     needed["reason"] = min(needed["reason"], REASON_MIN_WIDTH)
-    shown = [header for header, _, _ in _COLUMNS]
+    headers = [header for header, _, _ in _COLUMNS]
     for header in DROP_ORDER:
-        if sum(needed[h] for h in shown) + _GAP * (len(shown) - 1) + _EDGES <= width:
+        if sum(needed[h] for h in headers) + _GAP * (len(headers) - 1) + _EDGES <= width:
             break
-        shown.remove(header)
+        headers.remove(header)
 
     folds = {header: folds for header, _, folds in _COLUMNS}
     columns = [
         Column(h, overflow="fold") if folds[h] else Column(h, no_wrap=True, min_width=needed[h])
-        for h in shown
+        for h in headers
     ]
     table = Table(*columns, box=box.SIMPLE_HEAD, pad_edge=False)
-    for row in zip(*(cells[h] for h in shown)):
+    for row in zip(*(cells[h] for h in headers)):
         table.add_row(*row)
     return table

@@ -105,3 +105,17 @@ def run_worker(args: list[str], env: dict[str, str], timeout_s: float = 90) -> W
     finally:
         worker.kill()
     return worker
+
+
+def signal_after(command: list[str], env: dict[str, str], line: str, signum: int) -> tuple[
+    WorkerProcess, int
+]:
+    """Start a worker, send it signum once line appears in its output; return it and its code."""
+    worker = WorkerProcess(command, env)
+    try:
+        worker.wait_for_line(line)
+        worker.process.send_signal(signum)
+        code = worker.wait(60)
+    finally:
+        worker.kill()
+    return worker, code

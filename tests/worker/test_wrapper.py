@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.worker.processes import WorkerProcess, run_worker, worker_env
+from tests.worker.processes import WorkerProcess, run_worker, signal_after, worker_env
 from worker import protocol
 from worker.checkpoint_store import find_latest_checkpoint
 from worker.storage import LocalStorage
@@ -164,20 +164,6 @@ def plain_child_command(tmp_path: Path) -> list[str]:
     child = tmp_path / "plain_child.py"
     child.write_text(PLAIN_CHILD)
     return ["run", "--", sys.executable, str(child)]
-
-
-def signal_after(command: list[str], env: dict[str, str], line: str, signum: int) -> tuple[
-    WorkerProcess, int
-]:
-    """Start a worker, send it signum once line appears in its output; return it and its code."""
-    worker = WorkerProcess(command, env)
-    try:
-        worker.wait_for_line(line)
-        worker.process.send_signal(signum)
-        code = worker.wait(60)
-    finally:
-        worker.kill()
-    return worker, code
 
 
 def test_wrapper_syncs_plain_files(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.worker.processes import WorkerProcess, run_worker, worker_env
+from tests.worker.processes import WorkerProcess, run_worker, signal_after, worker_env
 from worker import protocol
 from worker.checkpoint_store import find_latest_checkpoint
 from worker.storage import LocalStorage
@@ -122,13 +122,9 @@ def test_child_killed_after_grace_period(tmp_path: Path) -> None:
     child = tmp_path / "child.py"
     child.write_text(STUBBORN_CHILD)
     env = worker_env(tmp_path / "store", GPUJOBS_GRACE_PERIOD_S="1")
-    worker = WorkerProcess(["run", "--", sys.executable, str(child)], env)
-    try:
-        worker.wait_for_line("child ignoring SIGTERM")
-        worker.process.send_signal(signal.SIGTERM)
-        code = worker.wait(30)
-    finally:
-        worker.kill()
+    command = ["run", "--", sys.executable, str(child)]
+
+    worker, code = signal_after(command, env, "child ignoring SIGTERM", signal.SIGTERM)
 
     assert code == protocol.EXIT_PREEMPTED, worker.output()
     assert "command still running at the end of the 1.0 s grace period" in worker.output()
@@ -142,13 +138,10 @@ def test_stop_during_restore_skips_child(tmp_path: Path) -> None:
         (stored / f"file-{i}").write_text(str(i))
     child = tmp_path / "child.py"
     child.write_text("print('child started', flush=True)\n")
-    worker = WorkerProcess(["run", "--", sys.executable, str(child)], worker_env(store))
-    try:
-        worker.wait_for_line("passed the preflight check")
-        worker.process.send_signal(signal.SIGTERM)
-        code = worker.wait(60)
-    finally:
-        worker.kill()
+    command = ["run", "--", sys.executable, str(child)]
+
+    worker, code = signal_after(command, worker_env(store), "passed the preflight check",
+                                signal.SIGTERM)
 
     assert code == protocol.EXIT_PREEMPTED, worker.output()
     assert "stop requested before the command started" in worker.output()
