@@ -257,6 +257,34 @@ async def test_s3_multipart_aborted_on_cancel(moto_url: str, s3_bucket: str) -> 
         await storage.close()
 
 
+async def test_s3_multipart_cancelled_during_create(
+    moto_url: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = make_s3_storage(moto_url, s3_bucket, part_size_bytes=MIB)
+    try:
+        client = await storage._get_client()
+        created = asyncio.Event()
+        create = client.create_multipart_upload
+
+        async def create_with_slow_reply(**kwargs):
+            response = await create(**kwargs)
+            created.set()
+            await asyncio.sleep(0.5)  # the server has the upload; its id is still on the way
+            return response
+
+        monkeypatch.setattr(client, "create_multipart_upload", create_with_slow_reply)
+        task = asyncio.create_task(storage.put_bytes("cancelled.bin", os.urandom(2 * MIB)))
+        await created.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        assert _pending_uploads(moto_url, s3_bucket) == []
+        assert not await storage.exists("cancelled.bin")
+    finally:
+        await storage.close()
+
+
 class _no_raise:
     def __enter__(self) -> None:
         return None

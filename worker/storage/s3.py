@@ -232,10 +232,16 @@ class S3Storage:
     async def _multipart_upload(self, key: str, size: int, read_part: ReadPart) -> None:
         client = await self._get_client()
         full_key = self._key(key)
-        with self._translate_errors("start multipart upload of", key):
-            upload = await client.create_multipart_upload(
-                Bucket=self.bucket, Key=full_key, **self._checksum_algorithm()
-            )
+        create = asyncio.ensure_future(client.create_multipart_upload(
+            Bucket=self.bucket, Key=full_key, **self._checksum_algorithm()
+        ))
+        try:
+            with self._translate_errors("start multipart upload of", key):
+                upload = await asyncio.shield(create)
+        except asyncio.CancelledError:
+            # The server may have started the upload already: abort it once its id arrives.
+            await asyncio.shield(self._abort_when_created(key, full_key, create))
+            raise
         upload_id = upload["UploadId"]
         sent: list[concurrent.futures.Future[dict[str, Any]]] = []
         try:
@@ -286,6 +292,14 @@ class S3Storage:
                 crc32=self.part_checksums,
             )
         return self._part_uploader
+
+    async def _abort_when_created(self, key: str, full_key: str, create: asyncio.Future) -> None:
+        """Abort the upload that a create request still under way starts, if it starts one."""
+        try:
+            upload = await create
+        except Exception:  # the request failed, so it started nothing
+            return
+        await self._abort_multipart(key, full_key, upload["UploadId"], [])
 
     async def _abort_multipart(
         self,
