@@ -49,8 +49,8 @@ def parse_time(text: str) -> float:
     """Parse ISO 8601 (UTC when no zone is given) or unix seconds into unix seconds.
 
     A year alone (2030) or a year and month (2030-06) is ISO 8601's reduced precision: the
-    start of that year or month, not unix second 2030. Raises GpujobsError for text that is
-    none of these, and for times outside the years 1970 to 9999.
+    start of that year or month, not unix second 2030. Raises GpujobsError for text that
+    matches none of these forms, and for times outside the years 1970 to 9999.
     """
     reduced = _YEAR_MONTH.match(text.strip())
     if reduced:
